@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.language_models import ModelProfile
 
@@ -50,4 +50,5 @@ def get_model_profile(model: str) -> ModelProfile | None:
     entry = profile_entry(model)
     if entry is None:
         return None
-    return ModelProfile(**{k: v for k, v in entry.items() if k not in _BOOKKEEPING})  # type: ignore[typeddict-item]
+    fields = {k: v for k, v in entry.items() if k not in _BOOKKEEPING}
+    return cast("ModelProfile", fields)

@@ -49,7 +49,7 @@ def shared_prefix_tokens(
             f"current_counts has {len(current_counts)} entries for {len(current)} messages"
         )
     total = 0
-    for prev, cur, n in zip(previous, current, current_counts):
+    for prev, cur, n in zip(previous, current, current_counts, strict=False):
         if not same_message(prev, cur):
             break
         total += n

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,24 @@ _SCRUBBED = (
 
 
 @pytest.fixture(autouse=True)
-def _scrub_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _scrub_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in _SCRUBBED:
         monkeypatch.delenv(name, raising=False)
-    yield
+
+
+def _postgres_required() -> bool:
+    return os.environ.get("HOLYSHEEP_REQUIRE_POSTGRES", "") not in ("", "0")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Under CI (HOLYSHEEP_REQUIRE_POSTGRES=1) a skipped PostgreSQL test is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _postgres_required() and item.get_closest_marker("postgres"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = (
+            f"{item.nodeid} needs PostgreSQL but was skipped ({reason}); "
+            "HOLYSHEEP_REQUIRE_POSTGRES=1 forbids that skip"
+        )
