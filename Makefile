@@ -2,27 +2,54 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HASH := $(shell cksum < pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
+DEMO_ARGS ?= --plot demo-output/simulate.png
 
-.PHONY: install test lint demo bench soak clean
+.PHONY: install install-demo test lint demo bench soak clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	rm -f $(VENV)/.installed-*
-	touch $(STAMP)
 
-install: $(STAMP)
+# The demo needs only the package and its CLI extra.
+$(VENV)/.demo-$(HASH): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[cli]"
+	rm -f $(VENV)/.demo-*
+	touch $@
 
-test: $(STAMP)
+# Tests, lint and benchmarks need every extra and the test tools.
+$(VENV)/.test-$(HASH): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	rm -f $(VENV)/.test-* $(VENV)/.demo-*
+	touch $@ $(VENV)/.demo-$(HASH)
+
+install-demo: $(VENV)/.demo-$(HASH)
+install: $(VENV)/.test-$(HASH)
+
+demo: $(VENV)/.demo-$(HASH)
+	mkdir -p demo-output
+	$(BIN)/holysheep simulate $(DEMO_ARGS)
+	@echo "The plot is in demo-output/simulate.png"
+
+test: $(VENV)/.test-$(HASH)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(VENV)/.test-$(HASH)
 	$(BIN)/ruff check langchain_holysheep tests benchmarks
 	$(BIN)/ruff format --check langchain_holysheep tests benchmarks
 	$(BIN)/mypy
 
+bench: $(VENV)/.test-$(HASH)
+	$(BIN)/python benchmarks/bench_tokens.py
+	$(BIN)/python benchmarks/bench_window.py
+	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_cost.py
+	$(BIN)/python benchmarks/bench_agent.py
+	$(BIN)/python benchmarks/bench_stores.py
+
+soak: $(VENV)/.test-$(HASH)
+	HOLYSHEEP_SOAK=1 $(BIN)/python -m pytest tests/reliability -m soak $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist demo-output

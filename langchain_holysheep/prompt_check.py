@@ -36,9 +36,11 @@ def find_prompt_problems(messages: Sequence[BaseMessage]) -> list[str]:
     if i == len(messages):
         problems.append("the prompt has only system messages")
     elif not isinstance(messages[i], HumanMessage):
+        kind = messages[i].type
+        article = "an" if kind[:1] in "aeiou" else "a"
         problems.append(
-            f"message {i} is the first after the system block but is a "
-            f"{messages[i].type} message, not a human message"
+            f"message {i} is the first after the system block but is {article} "
+            f"{kind} message, not a human message"
         )
     pending: dict[str, int] = {}  # tool_call_id -> index of the AI message that made the call
     for j, message in enumerate(messages):

@@ -1,0 +1,167 @@
+"""Per-turn preparation time at 10,000 messages: ContextWindow vs SummarizationMiddleware.
+
+Run: python benchmarks/bench_prepare.py [--messages 10000] [--turns 200]
+
+Both get the same synthetic support conversation (answers carry ChatHolySheep-like
+usage_metadata) and the same instant fake summarizer, so only the memory layer's own work is
+timed. The conversation starts at 10,000 messages; then each turn adds the user message (and,
+on tool turns, the call and its result), the memory layer prepares the prompt (timed), and the
+answer is appended.
+
+* ContextWindow(model="deepseek-v3.2", max_tokens=8000) gets the whole conversation every turn
+  and keeps every message; it counts exactly (cl100k) with cached counts, and answers are
+  counted from their provider usage (``use_provider_counts``), or tokenized for comparison.
+* SummarizationMiddleware(trigger=("tokens", 5600), keep=("messages", 20)) runs its
+  ``before_model`` on the agent state, which it shrinks by deleting summarized history, and
+  counts approximately (count_tokens_approximately).
+
+Printed: time of the first call at 10,000 messages (cold), then p50 / p95 / max per turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from langchain.agents.middleware import SummarizationMiddleware
+from langchain_core.language_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, BaseMessage, RemoveMessage
+from langgraph.graph.message import REMOVE_ALL_MESSAGES
+
+from langchain_holysheep.memory import ContextWindow
+from langchain_holysheep.tokens import TokenCounter
+from langchain_holysheep.workload import synthetic_conversation
+
+MODEL = "deepseek-v3.2"
+SUMMARY = "Summary: the customer asked about orders, refunds and deliveries; all answered."
+
+
+def conversation(n_messages: int, turns: int) -> tuple[list[BaseMessage], list[int]]:
+    """Messages with provider usage on answers, and the call points from ~n_messages on."""
+    convo = synthetic_conversation(n_messages // 2 + turns + 10, seed=0)
+    exact = TokenCounter(MODEL, use_provider_counts=False, cache_size=0)
+    messages: list[BaseMessage] = []
+    for m in convo.messages:
+        if isinstance(m, AIMessage):
+            out = (
+                exact.count_text(m.text)
+                if not m.tool_calls
+                else sum(
+                    exact.count_text(c["name"]) + exact.count_text(str(c["args"]))
+                    for c in m.tool_calls
+                )
+            )
+            m = m.model_copy(
+                update={
+                    "usage_metadata": {
+                        "input_tokens": 5000,
+                        "output_tokens": out,
+                        "total_tokens": 5000 + out,
+                    },
+                    "response_metadata": {"model_provider": "holysheep", "model_name": MODEL},
+                }
+            )
+        messages.append(m)
+    points = [p for p in convo.call_points if p >= n_messages][: turns + 1]
+    return messages, points
+
+
+def fake_summarizer() -> GenericFakeChatModel:
+    return GenericFakeChatModel(messages=itertools.cycle([AIMessage(SUMMARY)]))
+
+
+def percentiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    s = sorted(xs)
+    return s[len(s) // 2], s[max(0, int(len(s) * 0.95) - 1)], s[-1]
+
+
+def run_window(
+    messages: list[BaseMessage], points: list[int], counter: TokenCounter
+) -> tuple[float, list[float], int]:
+    window = ContextWindow(
+        model=MODEL, max_tokens=8000, summarizer=fake_summarizer(), counter=counter
+    )
+    start = time.perf_counter()
+    window.invoke(messages[: points[0]])
+    cold = time.perf_counter() - start
+    times = []
+    for p in points[1:]:
+        start = time.perf_counter()
+        window.invoke(messages[:p])
+        times.append(time.perf_counter() - start)
+    return cold, times, points[-1]
+
+
+def run_middleware(
+    messages: list[BaseMessage], points: list[int]
+) -> tuple[float, list[float], int]:
+    middleware = SummarizationMiddleware(
+        model=fake_summarizer(), trigger=("tokens", 5600), keep=("messages", 20)
+    )
+    state: dict[str, Any] = {"messages": list(messages[: points[0]])}
+
+    def prepare() -> None:
+        update = middleware.before_model(state, None)  # type: ignore[arg-type]
+        if update:
+            new = update["messages"]
+            if isinstance(new[0], RemoveMessage) and new[0].id == REMOVE_ALL_MESSAGES:
+                state["messages"] = list(new[1:])
+
+    start = time.perf_counter()
+    prepare()
+    cold = time.perf_counter() - start
+    times = []
+    seen = points[0]
+    for p in points[1:]:
+        state["messages"].extend(messages[seen:p])
+        seen = p
+        start = time.perf_counter()
+        prepare()
+        times.append(time.perf_counter() - start)
+    return cold, times, len(state["messages"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--turns", type=int, default=200)
+    args = parser.parse_args()
+    messages, points = conversation(args.messages, args.turns)
+    TokenCounter(MODEL)  # load the encoding outside the timings
+
+    runs: list[tuple[str, Callable[[], tuple[float, list[float], int]]]] = [
+        (
+            "ContextWindow, provider counts",
+            lambda: run_window(messages, points, TokenCounter(MODEL)),
+        ),
+        (
+            "ContextWindow, tokenize answers",
+            lambda: run_window(messages, points, TokenCounter(MODEL, use_provider_counts=False)),
+        ),
+        ("SummarizationMiddleware", lambda: run_middleware(messages, points)),
+    ]
+    print(
+        f"Per-turn preparation from {points[0]:,} to {points[-1]:,} messages "
+        f"({len(points) - 1} model calls)"
+    )
+    print(f"{'memory layer':<34}{'cold 1st call':>14}{'p50':>11}{'p95':>11}{'max':>11}{'kept':>9}")
+    for name, run in runs:
+        gc.collect()
+        cold, times, kept = run()
+        p50, p95, mx = percentiles(times)
+        print(
+            f"{name:<34}{cold * 1000:>11.1f} ms{p50 * 1000:>8.2f} ms{p95 * 1000:>8.2f} ms"
+            f"{mx * 1000:>8.2f} ms{kept:>9,}"
+        )
+    print(
+        "kept = messages the layer still holds (ContextWindow: the whole conversation; the "
+        "middleware deletes what it summarized)."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Fixtures of the reliability suite: the loopback relay, throwaway databases, soak gating.
+
+Tests marked ``soak`` run the full-size load and fault runs; they are skipped unless
+``HOLYSHEEP_SOAK=1`` (``make soak``), so ``make test`` only runs the small versions.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from langchain_holysheep.testing import HolySheepTestServer
+from tests.postgres_server import REQUIRE_ENV, PostgresServer, throwaway_postgres, unavailable_reason
+from tests.reliability.support import StoreSpec
+
+SOAK_ENV = "HOLYSHEEP_SOAK"
+
+
+def soak_enabled() -> bool:
+    """Whether the full-size soak runs are requested (``HOLYSHEEP_SOAK=1``)."""
+    return os.environ.get(SOAK_ENV, "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the soak tests unless HOLYSHEEP_SOAK=1, saying how to run them."""
+    if soak_enabled():
+        return
+    skip = pytest.mark.skip(
+        reason=f"soak test: full-size load/fault run, skipped unless {SOAK_ENV}=1 "
+        f"(run: {SOAK_ENV}=1 pytest tests/reliability -m soak)"
+    )
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def server() -> Iterator[HolySheepTestServer]:
+    """A loopback OpenAI-compatible relay with per-request fault injection."""
+    with HolySheepTestServer() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def reliability_postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the reliability suite (skipped if impossible)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 but PostgreSQL cannot be started: {reason}")
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    with throwaway_postgres() as pg:
+        yield pg
+
+
+def _params() -> list[object]:
+    return [
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=[pytest.mark.postgres]),
+    ]
+
+
+@pytest.fixture(params=_params())
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
+    """How to open a durable store (SQLite file or PostgreSQL), with a fresh namespace."""
+    namespace = f"rel-{uuid.uuid4().hex[:10]}"
+    if request.param == "sqlite":
+        return StoreSpec("sqlite", str(tmp_path / "conversations.db"), namespace)
+    pg: PostgresServer = request.getfixturevalue("reliability_postgres")
+    return StoreSpec("postgres", pg.url, namespace)
