@@ -36,8 +36,8 @@ test: $(VENV)/.test-$(HASH)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-$(HASH)
-	$(BIN)/ruff check langchain_holysheep tests benchmarks
-	$(BIN)/ruff format --check langchain_holysheep tests benchmarks
+	$(BIN)/ruff check langchain_holysheep tests benchmarks notebooks
+	$(BIN)/ruff format --check langchain_holysheep tests benchmarks notebooks
 	$(BIN)/mypy
 
 bench: $(VENV)/.test-$(HASH)

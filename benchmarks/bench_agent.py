@@ -161,46 +161,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     counter = TokenCounter(args.model)
     price = _price_function(args.model)
 
-    ours_summarizer = RecapModel()
-    window = ContextWindow(model=args.model, max_tokens=args.budget, summarizer=ours_summarizer)
-    ours = ContextWindowMiddleware(window=window)
     # The prompt limit of the budget (budget minus response reserve and margin): every run's
     # prompts are measured against it.
     probe = ContextWindow(model=args.model, max_tokens=args.budget)
     prompt_limit = probe.plan([script.turns[0].user]).tokens.prompt_limit
 
-    theirs_summarizer = RecapModel()
-    theirs = SummarizationMiddleware(
-        model=theirs_summarizer,
-        # Comparable budget: summarize when the messages reach the prompt limit, keep the
-        # newest 60% of it (the window's low-water mark). It counts only the messages.
-        trigger=("tokens", prompt_limit),
-        keep=("tokens", int(prompt_limit * 0.6)),
-        token_counter=counter,
-    )
-    results = [
-        measure(
-            "ContextWindowMiddleware", script, [ours], ours_summarizer, counter, prompt_limit, price
-        ),
-        measure(
-            "SummarizationMiddleware",
-            script,
-            [theirs],
-            theirs_summarizer,
-            counter,
-            prompt_limit,
-            price,
-        ),
-        measure(
-            "no middleware (full history)", script, [], RecapModel(), counter, prompt_limit, price
-        ),
+    def ours() -> tuple[list[AgentMiddleware[Any, Any, Any]], RecapModel]:
+        summarizer = RecapModel()
+        window = ContextWindow(model=args.model, max_tokens=args.budget, summarizer=summarizer)
+        return [ContextWindowMiddleware(window=window)], summarizer
+
+    def theirs() -> tuple[list[AgentMiddleware[Any, Any, Any]], RecapModel]:
+        summarizer = RecapModel()
+        middleware = SummarizationMiddleware(
+            model=summarizer,
+            # Comparable budget: summarize when the messages reach the prompt limit, keep the
+            # newest 60% of it (the window's low-water mark). It counts only the messages.
+            trigger=("tokens", prompt_limit),
+            keep=("tokens", int(prompt_limit * 0.6)),
+            token_counter=counter,
+        )
+        return [middleware], summarizer
+
+    def none() -> tuple[list[AgentMiddleware[Any, Any, Any]], RecapModel]:
+        return [], RecapModel()
+
+    configs = [
+        ("ContextWindowMiddleware", ours),
+        ("SummarizationMiddleware", theirs),
+        ("no middleware (full history)", none),
     ]
+    # Warm-up (imports, schema building, tokenizer caches) so run order does not bias times.
+    warm = build_script(12, seed=args.seed + 1)
+    for name, make in configs:
+        middleware, summarizer = make()
+        measure(name, warm, middleware, summarizer, counter, prompt_limit, price)
+    results = []
+    for name, make in configs:
+        middleware, summarizer = make()
+        results.append(measure(name, script, middleware, summarizer, counter, prompt_limit, price))
 
     print(
         f"Scripted create_agent run: {args.turns} turns, {script.model_calls} model calls, "
         f"{len(TOOLS)} tools, model {args.model}, budget {args.budget:,} tokens "
         f"(prompt limit {prompt_limit:,}); tokens counted with {counter.encoding_name}; "
-        f"prices from langchain_holysheep.pricing."
+        f"prices from langchain_holysheep.pricing (summarizer calls priced as the same model)."
     )
     rows: list[tuple[str, Callable[[Result], str]]] = [
         ("messages kept in state", lambda r: f"{r.state_messages}/{r.transcript_messages}"),

@@ -15,9 +15,12 @@ Compared in one run, on the same workload and the same database files/server:
 Each session is driven by its own thread. Every session is first loaded with ``--preload``
 messages; an append adds one turn (a human and an AI message, one call); a read builds a
 fresh history object (as RunnableWithMessageHistory does each turn) and reads ``messages``.
-PostgreSQL is a throwaway server started from the local binaries with fsync on.
+A holysheep append also counts the messages' tokens (once, stored with them); the baselines
+store no counts. PostgreSQL is a throwaway server started from the local binaries, fsync on
+unless ``--no-fsync``. Figures are medians of ``--repeat`` rounds in which the systems take
+turns, so a disturbance on a shared machine hits all of them alike.
 
-    .venv/bin/python benchmarks/bench_stores.py [--sessions 1 8 32] [--preload 1000]
+    .venv/bin/python benchmarks/bench_stores.py [--sessions 1 8 32] [--preload 1000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -195,9 +198,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--preload", type=int, default=1000, help="messages per session")
-    parser.add_argument("--appends", type=int, default=40, help="turns appended per session")
-    parser.add_argument("--reads", type=int, default=20, help="context reads per session")
+    parser.add_argument("--appends", type=int, default=20, help="turns appended per session")
+    parser.add_argument("--reads", type=int, default=10, help="context reads per session")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians kept")
     parser.add_argument("--max-tokens", type=int, default=4000, help="ContextWindow budget")
+    parser.add_argument(
+        "--no-fsync", action="store_true", help="run PostgreSQL with fsync off (less noise)"
+    )
     args = parser.parse_args()
 
     window = ContextWindow(model="deepseek-v3.2", max_tokens=args.max_tokens)
@@ -221,15 +228,15 @@ def main() -> None:
         )
         reason = unavailable_reason()
         if reason is None:
-            server = stack.enter_context(throwaway_postgres(fsync=True))
+            server = stack.enter_context(throwaway_postgres(fsync=not args.no_fsync))
             from langchain_holysheep.stores import PostgresMessageStore
 
-            pg_store = PostgresMessageStore(server.url, max_size=max(args.sessions) + 2)
+            # A warm pool with a connection per session thread, as lc-postgres gets.
+            size = max(args.sessions) + 2
+            pg_store = PostgresMessageStore(server.url, min_size=size, max_size=size)
             stack.callback(pg_store.close)
             systems.append(holysheep(pg_store, "postgres", window))
-            systems.append(
-                community(server.sqlalchemy_url, "postgres", pool_size=max(args.sessions) + 2)
-            )
+            systems.append(community(server.sqlalchemy_url, "postgres", pool_size=size))
             systems.append(stack.enter_context(lc_postgres(server.url, max(args.sessions))))
         else:
             print(f"PostgreSQL skipped: {reason}")
@@ -237,27 +244,39 @@ def main() -> None:
         print(
             f"workload: {args.preload} preloaded messages per session, {args.appends} appended "
             f"turns and {args.reads} context reads per session, one thread per session; "
-            f"ContextWindow max_tokens={args.max_tokens}\n"
+            f"ContextWindow max_tokens={args.max_tokens}; PostgreSQL fsync "
+            f"{'off' if args.no_fsync else 'on'}; {args.repeat} interleaved rounds, medians\n"
         )
         for sessions in args.sessions:
+            rounds: dict[str, list[Figures]] = {}
+            for _ in range(args.repeat):
+                for system in systems:
+                    figures = measure(system, sessions, args.preload, args.appends, args.reads)
+                    rounds.setdefault(f"{system.name}/{system.backend}", []).append(figures)
             for system in systems:
-                figures = measure(system, sessions, args.preload, args.appends, args.reads)
-                results.append((system, sessions, figures))
+                runs = rounds[f"{system.name}/{system.backend}"]
+                median = Figures(
+                    statistics.median(f.appends_per_s for f in runs),
+                    statistics.median(f.reads_per_s for f in runs),
+                    statistics.median(f.messages_per_read for f in runs),
+                    sum(f.errors for f in runs),
+                )
+                results.append((system, sessions, median))
                 print(
-                    f"  {system.name:<13} {system.backend:<9} sessions={sessions:<3} "
-                    f"appends/s={figures.appends_per_s:>8.0f} reads/s={figures.reads_per_s:>8.0f} "
-                    f"msgs/read={figures.messages_per_read:>6.0f} errors={figures.errors}"
+                    f"  {system.name:<15} {system.backend:<9} sessions={sessions:<3} "
+                    f"appends/s={median.appends_per_s:>8.0f} reads/s={median.reads_per_s:>8.0f} "
+                    f"msgs/read={median.messages_per_read:>6.0f} errors={median.errors}"
                 )
 
     print("\n| backend | sessions | history | appends/s | context reads/s | messages per read |")
     print("|---|---:|---|---:|---:|---:|")
-    for system, sessions, f in sorted(results, key=lambda r: (r[0].backend, r[1], r[0].name)):
+    for system, sessions, f in results:
         errors = f" ({f.errors} errors)" if f.errors else ""
         print(
             f"| {system.backend} | {sessions} | {system.name}{errors} | {f.appends_per_s:,.0f} | "
             f"{f.reads_per_s:,.0f} | {f.messages_per_read:,.0f} |"
         )
-    print("\nratios, holysheep (WAL, NORMAL) / baseline on the same backend and session count:")
+    print("\nratios, holysheep (default settings) / other on the same backend and session count:")
     for backend in ("sqlite", "postgres"):
         for sessions in args.sessions:
             ours = [
@@ -268,7 +287,7 @@ def main() -> None:
             for s, n, f in results:
                 if s.backend == backend and n == sessions and s.name != "holysheep" and ours:
                     print(
-                        f"  {backend:<9} sessions={sessions:<3} vs {s.name:<13} appends "
+                        f"  {backend:<9} sessions={sessions:<3} vs {s.name:<15} appends "
                         f"x{ours[0].appends_per_s / f.appends_per_s:.2f}, reads "
                         f"x{ours[0].reads_per_s / f.reads_per_s:.2f}"
                     )

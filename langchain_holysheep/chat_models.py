@@ -356,6 +356,8 @@ class ChatHolySheep(BaseChatOpenAI):
     """API base URL; read from ``HOLYSHEEP_API_BASE`` when not passed."""
     stream_usage: bool | None = True
     """Whether streams end with a usage chunk (on by default)."""
+    use_responses_api: bool | None = False
+    """The relay speaks Chat Completions; set ``True`` only for an endpoint with Responses."""
 
     _token_counter: Any = PrivateAttr(default=None)
 
@@ -444,26 +446,28 @@ class ChatHolySheep(BaseChatOpenAI):
         that opened them).
         """
         sync_http, async_http = self.http_client, self.http_async_client
-        if _client_utils is None or (sync_http is not None and async_http is not None):
+        base, timeout = self.api_base, self.request_timeout
+        if async_http is None:
+            async_http = _loop_local_async_client(base, timeout, self.openai_proxy)
+        if sync_http is not None or _client_utils is None:
             return sync_http, async_http
         if _client_utils._should_bypass_socket_options_for_proxy_env(
             http_socket_options=self.http_socket_options,
-            http_client=sync_http,
-            http_async_client=async_http,
+            # The user's clients, not the shared async one built above: that one would make
+            # the check think the user opted out of httpx's proxy-from-environment handling.
+            http_client=self.http_client,
+            http_async_client=self.http_async_client,
             openai_proxy=self.openai_proxy,
         ):
             sockets: tuple[Any, ...] = ()
         else:
             sockets = _client_utils._resolve_socket_options(self.http_socket_options)
-        base, timeout = self.api_base, self.request_timeout
-        if sync_http is None and self.openai_proxy:
+        if self.openai_proxy:
             sync_http = _client_utils._build_proxied_sync_httpx_client(
                 self.openai_proxy, True, sockets
             )
-        if sync_http is None:
+        else:
             sync_http = _client_utils._get_default_httpx_client(base, timeout, sockets)
-        if async_http is None:
-            async_http = _loop_local_async_client(base, timeout, self.openai_proxy)
         return sync_http, async_http
 
     def _resolve_model_profile(self) -> ModelProfile | None:
@@ -543,7 +547,10 @@ class ChatHolySheep(BaseChatOpenAI):
         try:
             return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
         except (openai.APIError, json.JSONDecodeError) as e:
-            raise self._translate_error(e) from e
+            error = self._translate_error(e)
+            if error is e:
+                raise
+            raise error from e
 
     async def _agenerate(
         self,
@@ -555,7 +562,10 @@ class ChatHolySheep(BaseChatOpenAI):
         try:
             return await super()._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
         except (openai.APIError, json.JSONDecodeError) as e:
-            raise self._translate_error(e) from e
+            error = self._translate_error(e)
+            if error is e:
+                raise
+            raise error from e
 
     def _stream(
         self,
@@ -584,6 +594,8 @@ class ChatHolySheep(BaseChatOpenAI):
                     logger.warning("%s", failure)
                     time.sleep(_stream_retry_delay(attempt))
                     continue
+                if failure is e:
+                    raise
                 raise failure from e
 
     async def _astream(
@@ -615,6 +627,8 @@ class ChatHolySheep(BaseChatOpenAI):
                     logger.warning("%s", failure)
                     await asyncio.sleep(_stream_retry_delay(attempt))
                     continue
+                if failure is e:
+                    raise
                 raise failure from e
 
     # Tools, structured output, token counts --------------------------------------------

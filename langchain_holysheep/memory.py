@@ -52,12 +52,13 @@ __all__ = ["DEFAULT_HIGH_WATER", "DEFAULT_LOW_WATER", "ContextWindow", "WindowIn
 
 DEFAULT_HIGH_WATER = 0.9
 """Default compaction trigger, as a fraction of the prompt limit (chosen by the cost sweep)."""
-DEFAULT_LOW_WATER = 0.6
+DEFAULT_LOW_WATER = 0.3
 """Default compaction target, as a fraction of the prompt limit (chosen by the cost sweep)."""
 
 WindowInput = Sequence[MessageLikeRepresentation] | PromptValue
 
 _SAMPLES = 4  # positions checked, besides the last, to recognise a grown conversation
+_BUCKET = 8  # conversations kept under one derived key
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,49 @@ class _Conversation:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class _Tail(Sequence[Any]):
+    """``raw[lead:]`` without copying it (a long history is not copied every turn)."""
+
+    __slots__ = ("lead", "raw")
+
+    def __init__(self, raw: Sequence[Any], lead: int) -> None:
+        self.raw = raw
+        self.lead = lead
+
+    def __len__(self) -> int:
+        return len(self.raw) - self.lead
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            return self.raw[self.lead + start : self.lead + stop : step]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.raw[self.lead + i]
+
+
+class _Runtime:
+    """Mutable state of a ContextWindow, kept in one plain object (cheap attribute access)."""
+
+    def __init__(self) -> None:
+        self.summary: RunningSummarizer | None = None
+        # key -> conversations under that key (several when a derived key collides)
+        self.conversations: OrderedDict[str, list[_Conversation]] = OrderedDict()
+        self.lock = threading.Lock()
+        self.frame_tokens = 0
+        self.shortened: OrderedDict[tuple[Any, ...], BaseMessage] = OrderedDict()
+        self.price: tuple[float, float] | None = None
+        self.model_name: str | None = None
+        self.message_cap: int | None = None
+
+
 def _same_item(a: Any, b: Any) -> bool:
     if a is b:
         return True
     if isinstance(a, BaseMessage) and isinstance(b, BaseMessage):
-        if a.id is not None or b.id is not None:
-            return a.id == b.id and a.type == b.type
-        return same_message(a, b)
+        return a.id == b.id and same_message(a, b)
     try:
         return bool(a == b)
     except Exception:
@@ -184,14 +221,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
     counter: TokenCounter = Field(default=None)  # type: ignore[assignment]
     budget: ContextBudget = Field(default=None)  # type: ignore[assignment]
 
-    _summary: RunningSummarizer | None = PrivateAttr(default=None)
-    _conversations: OrderedDict[str, _Conversation] = PrivateAttr(default_factory=OrderedDict)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _frame_tokens: int = PrivateAttr(default=0)
-    _shortened: OrderedDict[tuple[Any, ...], BaseMessage] = PrivateAttr(default_factory=OrderedDict)
-    _price: tuple[float, float] | None = PrivateAttr(default=None)
-    _model_name: str | None = PrivateAttr(default=None)
-    _message_cap: int | None = PrivateAttr(default=None)
+    _rt: _Runtime = PrivateAttr(default_factory=lambda: _Runtime())
 
     def model_post_init(self, context: Any, /) -> None:
         """Build the counter, budget and summarizer the fields leave to defaults."""
@@ -211,16 +241,26 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             self.counter = TokenCounter(self.model)
         if self.budget is None:
             self.budget = ContextBudget.for_model(self.model, self.max_tokens)
-        self._model_name = self.counter.model or self.budget.model
+        self._rt.model_name = self.counter.model or self.budget.model
         if self.summarizer is not None:
-            self._summary = RunningSummarizer(
+            self._rt.summary = RunningSummarizer(
                 self.summarizer, count_text=self.counter.count_text, timeout=self.summary_timeout
             )
-        self._frame_tokens = self.counter.count_message(recap_message("", 0))
-        self._price = _lookup_price(self._model_name)
+        self._rt.frame_tokens = self.counter.count_message(recap_message("", 0))
+        if self.summarizer is not None:
+            room = self.budget.allocate(1 << 30).summary - self._rt.frame_tokens
+            if room < 32:
+                warnings.warn(
+                    f"the summary allowance of this {self.budget.total_tokens:,}-token budget "
+                    f"leaves {room} tokens for the summary text; summaries will fail and the "
+                    "messages leaving the window stay pending. Raise max_tokens",
+                    SummaryFailureWarning,
+                    stacklevel=2,
+                )
+        self._rt.price = _lookup_price(self._rt.model_name)
         if self.truncate_long_messages:
             prompt = self.budget.allocate(0).prompt
-            self._message_cap = self.max_message_tokens or max(64, prompt // 4)
+            self._rt.message_cap = self.max_message_tokens or max(64, prompt // 4)
 
     # -- budget ------------------------------------------------------------------------------
 
@@ -228,7 +268,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         """Return the budget numbers a plan of a conversation of ``n_messages`` respects."""
         allocation = self.budget.allocate(n_messages, calibration=self.counter.calibration)
         prompt = allocation.prompt
-        cap = self._message_cap
+        cap = self._rt.message_cap
         return WindowLimits(
             budget=allocation.total,
             response=allocation.response,
@@ -254,7 +294,8 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         limits: WindowLimits,
         previous_prompt: Sequence[BaseMessage] | None,
     ) -> Generator[FoldRequest, _Outcome, ContextPlan]:
-        summarize = self._summary is not None
+        rt = self._rt
+        summarize = rt.summary is not None
         layout = layout_turn(
             index, state, limits, system_tokens=sum(system_counts), summarize=summarize
         )
@@ -265,7 +306,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 previous=state.summary,
                 messages=[index.message(p) for p in layout.fold_positions],
                 counts=[index.count(p) for p in layout.fold_positions],
-                max_tokens=limits.summary - self._frame_tokens,
+                max_tokens=limits.summary - rt.frame_tokens,
                 through=layout.new_start,
             )
             outcome = yield request
@@ -293,13 +334,13 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             summary_failed=failed,
             shorten=self._shorten,
             previous_prompt=previous_prompt,
-            price=self._price,
-            model=self._model_name,
+            price=rt.price,
+            model=rt.model_name,
         )
 
     def _bounded_summary(self, text: str, allowance: int, through: int) -> tuple[str, int, int]:
         tokens = self.counter.count_message(recap_message(text, through))
-        budget = allowance - self._frame_tokens
+        budget = allowance - self._rt.frame_tokens
         while tokens > allowance and budget > 0 and text:
             budget -= max(1, tokens - allowance)
             text = shorten_text(text, budget, self.counter.count_text)
@@ -308,9 +349,9 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
 
     def _fold(self, request: FoldRequest) -> _Outcome:
         """Run the summarizer for a compaction (sync); a background summarizer overrides this."""
-        assert self._summary is not None
+        assert self._rt.summary is not None
         try:
-            return self._summary.summarize(
+            return self._rt.summary.summarize(
                 request.previous,
                 request.messages,
                 max_tokens=request.max_tokens,
@@ -321,9 +362,9 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
 
     async def _afold(self, request: FoldRequest) -> _Outcome:
         """Async twin of :meth:`_fold`: awaits the summarizer."""
-        assert self._summary is not None
+        assert self._rt.summary is not None
         try:
-            return await self._summary.asummarize(
+            return await self._rt.summary.asummarize(
                 request.previous,
                 request.messages,
                 max_tokens=request.max_tokens,
@@ -368,7 +409,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         messages = convert_to_messages(tail)
         if counts is None:
             counts = [self.counter.count_message(m) for m in messages]
-        index = ConversationIndex(offset, message_cap=self._message_cap)
+        index = ConversationIndex(offset, message_cap=self._rt.message_cap)
         index.extend(messages, counts)
         system_list = convert_to_messages(system)
         system_counts = [self.counter.count_message(m) for m in system_list]
@@ -437,14 +478,14 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 f"{type(value).__name__}; wrap it in a list"
             )
         else:
-            raw = value if isinstance(value, Sequence) else list(value)
+            raw = value if isinstance(value, (list, tuple, Sequence)) else list(value)
         system: list[BaseMessage] = []
         for item in raw:
             message = item if isinstance(item, BaseMessage) else convert_to_messages([item])[0]
             if not isinstance(message, SystemMessage):
                 break
             system.append(message)
-        return system, raw[len(system) :]
+        return system, _Tail(raw, len(system))
 
     def _key(self, conversation: Sequence[Any], config: RunnableConfig | None) -> str:
         configurable = (config or {}).get("configurable") or {}
@@ -463,16 +504,32 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             return f"id:{message.id}"
         return f"hash:{_content_key(message)}"
 
-    def _entry(self, key: str) -> _Conversation:
-        with self._lock:
-            entry = self._conversations.get(key)
-            if entry is None:
-                entry = _Conversation(ConversationIndex(0, message_cap=self._message_cap))
-                self._conversations[key] = entry
-                while len(self._conversations) > self.max_conversations:
-                    self._conversations.popitem(last=False)
+    def _entry(self, key: str, conversation: Sequence[Any]) -> _Conversation:
+        """Return the remembered conversation this one grew from, or a new entry.
+
+        A key from the config names one conversation. A key derived from the first message
+        can be shared by different conversations (two chats that both open with "hi"), so
+        up to ``_BUCKET`` of them are kept under it and told apart by their sampled messages.
+        """
+        rt = self._rt
+        named = not key.startswith(("id:", "hash:"))
+        with rt.lock:
+            conversations = rt.conversations
+            bucket = conversations.get(key)
+            if bucket is None:
+                bucket = conversations[key] = []
+                while len(conversations) > self.max_conversations:
+                    conversations.popitem(last=False)
             else:
-                self._conversations.move_to_end(key)
+                conversations.move_to_end(key)
+            for i, entry in enumerate(bucket):
+                if named or self._grown(entry, conversation):
+                    bucket.append(bucket.pop(i))  # most recently used last
+                    return entry
+            entry = _Conversation(ConversationIndex(0, message_cap=rt.message_cap))
+            bucket.append(entry)
+            if len(bucket) > _BUCKET:
+                bucket.pop(0)
             return entry
 
     def _grown(self, entry: _Conversation, conversation: Sequence[Any]) -> bool:
@@ -484,7 +541,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         self, entry: _Conversation, system: list[BaseMessage], conversation: Sequence[Any]
     ) -> None:
         """Bring the entry up to date with the conversation, converting only new messages."""
-        cap = self._message_cap
+        cap = self._rt.message_cap
         if not self._grown(entry, conversation) or entry.index.message_cap != cap:
             entry.index = ConversationIndex(0, message_cap=cap)
             entry.state = WindowState()
@@ -536,7 +593,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             ContextOverflowError: The current turn cannot fit the budget.
         """
         system, conversation = self._split(messages)
-        entry = self._entry(self._key(conversation, config))
+        entry = self._entry(self._key(conversation, config), conversation)
         with entry.lock:
             return self._drive(self._invoke_turn(entry, system, conversation))
 
@@ -545,7 +602,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
     ) -> ContextPlan:
         """Async twin of :meth:`plan`: the summarizer is awaited, never blocking the loop."""
         system, conversation = self._split(messages)
-        entry = self._entry(self._key(conversation, config))
+        entry = self._entry(self._key(conversation, config), conversation)
         # The lock is shared with sync callers, so poll it rather than block the event loop.
         while not entry.lock.acquire(blocking=False):  # noqa: ASYNC110
             await asyncio.sleep(0.001)
@@ -581,25 +638,25 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
 
     def forget(self, config: RunnableConfig | None = None, messages: WindowInput = ()) -> None:
         """Forget what the invoke path remembers about a conversation (or all, given nothing)."""
-        with self._lock:
+        with self._rt.lock:
             if config is None and not messages:
-                self._conversations.clear()
+                self._rt.conversations.clear()
                 return
             _, conversation = self._split(messages)
-            self._conversations.pop(self._key(conversation, config), None)
+            self._rt.conversations.pop(self._key(conversation, config), None)
 
     # -- shortening ------------------------------------------------------------------------------
 
     def _shorten(self, message: BaseMessage, max_tokens: int) -> BaseMessage:
         key = (message.type, message.id, _content_key(message), max_tokens)
-        hit = self._shortened.get(key)
+        hit = self._rt.shortened.get(key)
         if hit is not None:
-            self._shortened.move_to_end(key)
+            self._rt.shortened.move_to_end(key)
             return hit
         shortened = _shorten_message(message, max_tokens, self.counter)
-        self._shortened[key] = shortened
-        if len(self._shortened) > 4096:
-            self._shortened.popitem(last=False)
+        self._rt.shortened[key] = shortened
+        if len(self._rt.shortened) > 4096:
+            self._rt.shortened.popitem(last=False)
         return shortened
 
 

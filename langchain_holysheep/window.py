@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -134,7 +134,7 @@ class WindowLimits:
     summary: int
     fixed: int = 0
     high_water: float = 0.9
-    low_water: float = 0.6
+    low_water: float = 0.3
     window_size: int | None = None
     message_cap: int | None = None
     truncate: bool = False
@@ -568,7 +568,13 @@ def layout_turn(
             notes=tuple(notes),
         )
 
-    summary_estimate = limits.summary if summarize else summary_tokens
+    # The new summary is at most the allowance. Assume it is at least as long as the previous
+    # one, and long enough that a summary of the full allowance still lands under the high
+    # mark: the window then keeps as much verbatim as is safe.
+    summary_estimate = summary_tokens
+    if summarize:
+        floor = limits.summary - (limits.high_mark - limits.low_mark)
+        summary_estimate = min(limits.summary, max(summary_tokens, floor))
     room = limits.low_mark - system_tokens - summary_estimate - turn_tokens - limits.fixed
     window_low = limits.window_low
     room_count = None if window_low is None else window_low - len(positions)
@@ -734,6 +740,14 @@ class ContextPlan:
             f"{'yes' if self.summary_failed else 'no'} · estimated input cost {cost}"
         )
 
+    def __repr__(self) -> str:
+        # The default dataclass repr prints every message; a plan's repr stays one line.
+        return (
+            f"ContextPlan(messages={len(self.messages)}, tokens={self.tokens.total}, "
+            f"budget={self.tokens.budget}, compacted={self.compacted}, "
+            f"summary_failed={self.summary_failed}, cached_tokens={self.cached_tokens})"
+        )
+
     def __str__(self) -> str:
         model = f" for {self.model}" if self.model else ""
         lines = [
@@ -827,27 +841,31 @@ def finish_turn(
     system_tokens = sum(system_counts)
     summary_tokens = new_state.summary_tokens if new_state.summary is not None else 0
     fixed = system_tokens + layout.turn_tokens + limits.fixed
-    base = fixed + summary_tokens
-    include_summary = new_state.summary is not None
-    if include_summary and base > limits.prompt:
-        include_summary = False
-        summary_tokens = 0
-        base = fixed
-        notes.append(
-            f"the summary ({new_state.summary_tokens:,} tokens) was left out: it does not fit "
-            "beside the current turn"
-        )
     window_start = new_state.window_start
-    room = limits.prompt - base
     room_count = _count_room(limits, layout)
     if summarize and new_state.summarized_through < window_start:
         # Pending messages are sent verbatim as far as the budget allows.
         lo = index.first_cut_at_or_after(new_state.summarized_through)
+        room = limits.prompt - fixed - summary_tokens
+        if room < 0:
+            room = limits.prompt - fixed
         send_from = index.cut_within(min(lo, t), t, stop=t, tokens=room, messages=room_count)
     else:
         send_from = min(index.first_cut_at_or_after(window_start), t)
-        if index.tokens(send_from, t) > room:  # only if the state came with a larger summary
-            send_from = index.cut_within(send_from, t, stop=t, tokens=room, messages=None)
+    recent_tokens = index.tokens(send_from, t)
+    include_summary = new_state.summary is not None
+    if include_summary and fixed + summary_tokens + recent_tokens > limits.prompt:
+        # Never cut messages that are neither summarized nor pending: leave the summary out.
+        include_summary = False
+        notes.append(
+            f"the summary ({summary_tokens:,} tokens) was left out: it does not fit beside "
+            "the messages that must be sent"
+        )
+        summary_tokens = 0
+    if fixed + summary_tokens + recent_tokens > limits.prompt:  # a state from a larger budget
+        send_from = index.cut_within(
+            send_from, t, stop=t, tokens=limits.prompt - fixed - summary_tokens, messages=None
+        )
 
     out: list[BaseMessage] = list(system)
     counts: list[int] = list(system_counts)
@@ -952,9 +970,3 @@ def _estimated_prefix(
     if last_ai is None:
         return sum(counts[:n_system])
     return sum(counts[:last_ai])
-
-
-def iter_positions(index: ConversationIndex, start: int, stop: int) -> Iterable[int]:
-    """Yield the settled sendable positions in ``[start, stop)``."""
-    skip = set(index.dropped_between(start, stop))
-    return (p for p in range(start, stop) if p not in skip)

@@ -28,6 +28,7 @@ _GENERIC = {"get", "lookup", "look", "check", "create", "find", "fetch", "search
 _IDENTIFIER = re.compile(r"\b[A-Z]{2,}-\d+\b")
 _NAME = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-z]+\b")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_FIGURE = re.compile(r"^(?:[-+]?\$?[\d.,]+\s?[%×]?|n/a)$")
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,9 @@ def offline_responder(body: dict[str, Any]) -> Reply | None:
             args = {name: _argument(spec, user_text) for name, spec in properties.items()}
             return Reply.tool_call(str(function["name"]), args)
     quoted = user_text if len(user_text) <= 120 else user_text[:120] + "..."
-    return Reply.text(f"[offline answer] You said “{quoted}” ({len(messages)} messages in the prompt).")
+    return Reply.text(
+        f"[offline answer] You said “{quoted}” ({len(messages)} messages in the prompt)."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,13 +202,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any
             return f"{value:,}"
         return str(value).replace("|", "\\|")
 
-    numeric = [
-        all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows)
-        for i in range(len(headers))
-    ]
+    def is_number(value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        return isinstance(value, (int, float)) or bool(_FIGURE.match(str(value)))
+
+    numeric = [all(is_number(r[i]) for r in rows) for i in range(len(headers))]
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("--:" if n else ":--" for n in numeric) + "|",
     ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return Markdown("\n".join(lines))
+    return Markdown("\n".join(lines))  # type: ignore[no-untyped-call]

@@ -23,7 +23,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nbformat
+import nbformat as _nbformat
+from nbformat import NotebookNode
+
+# nbformat has no type hints for its constructors: call them through Any.
+nbformat: Any = _nbformat
 
 HERE = Path(__file__).resolve().parent
 CELLS_DIR = HERE / "_cells"
@@ -75,7 +79,7 @@ def load_cells(name: str) -> list[tuple[str, str]]:
     return cells
 
 
-def build(name: str) -> nbformat.NotebookNode:
+def build(name: str) -> NotebookNode:
     """Return the notebook ``name`` with its sources and no outputs."""
     nb = nbformat.v4.new_notebook()
     nb.metadata = {
@@ -92,7 +96,8 @@ def build(name: str) -> nbformat.NotebookNode:
         cell["id"] = f"{name[:2]}-{k:02d}"  # stable ids: regenerating changes nothing
         nb.cells.append(cell)
     nbformat.validate(nb)
-    return nb
+    notebook: NotebookNode = nb
+    return notebook
 
 
 def offline_env() -> dict[str, str]:
@@ -102,8 +107,18 @@ def offline_env() -> dict[str, str]:
     return env
 
 
-def execute(nb: nbformat.NotebookNode, *, timeout: int = CELL_TIMEOUT) -> nbformat.NotebookNode:
-    """Run ``nb`` top to bottom in a fresh kernel, offline, with the notebooks directory as cwd.
+def execute(
+    nb: NotebookNode,
+    *,
+    timeout: int = CELL_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+) -> NotebookNode:
+    """Run ``nb`` top to bottom in a fresh kernel, with the notebooks directory as cwd.
+
+    Args:
+        nb: The notebook; its outputs are filled in place.
+        timeout: Seconds each cell may take.
+        env: The kernel's environment (default: :func:`offline_env`, so never the relay).
 
     Raises:
         nbclient.exceptions.CellExecutionError: A cell raised.
@@ -120,8 +135,7 @@ def execute(nb: nbformat.NotebookNode, *, timeout: int = CELL_TIMEOUT) -> nbform
         record_timing=False,
         resources={"metadata": {"path": str(HERE)}},
     )
-    env = offline_env()
-    client.execute(env=env)
+    client.execute(env=dict(env) if env is not None else offline_env())
     return nb
 
 
@@ -200,7 +214,9 @@ def images_in(nb: Mapping[str, Any]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Write (and with ``--execute`` run) the notebooks; return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"notebooks to build (default: all of {NOTEBOOKS})")
+    parser.add_argument(
+        "names", nargs="*", help=f"notebooks to build (default: all of {NOTEBOOKS})"
+    )
     parser.add_argument("--execute", action="store_true", help="run offline and keep outputs")
     args = parser.parse_args(argv)
     names = args.names or list(NOTEBOOKS)

@@ -111,6 +111,7 @@ class _Step:
     state: WindowState
     reserved_tokens: int
     thread: str | None
+    stored: WindowState  # as read from the agent state (differs from `state` after a reset)
 
 
 class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, ResponseT]):
@@ -132,35 +133,46 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
     * compacts in steps (prompt-cache friendly) instead of on every call.
 
     Setup:
-        .. code-block:: bash
+        ```bash
+        pip install "langchain-holysheep[agents]"
+        ```
 
-            pip install "langchain-holysheep[agents]"
+    Use it in an agent:
+        ```python
+        from langchain.agents import create_agent
+        from langgraph.checkpoint.memory import InMemorySaver
 
-    Example:
-        .. code-block:: python
+        from langchain_holysheep import ChatHolySheep, ContextWindow
+        from langchain_holysheep.middleware import ContextWindowMiddleware
 
-            from langchain.agents import create_agent
-            from langgraph.checkpoint.memory import InMemorySaver
+        window = ContextWindow(
+            model="deepseek-v3.2",
+            max_tokens=8000,
+            summarizer=ChatHolySheep(model="gpt-4.1-mini"),
+        )
+        agent = create_agent(
+            ChatHolySheep(model="deepseek-v3.2"),
+            tools=[lookup_order],
+            system_prompt="You are a support assistant.",
+            middleware=[ContextWindowMiddleware(window=window)],
+            checkpointer=InMemorySaver(),
+        )
+        config = {"configurable": {"thread_id": "customer-7"}}
+        agent.invoke({"messages": [{"role": "user", "content": "Where is order 42?"}]}, config)
+        ```
 
-            from langchain_holysheep import ChatHolySheep, ContextWindow
-            from langchain_holysheep.middleware import ContextWindowMiddleware
+        The summary and the window start are agent state:
+        ``window_state_from(agent.get_state(config).values)`` reads them as a ``WindowState``.
 
-            window = ContextWindow(
-                model="deepseek-v3.2",
-                max_tokens=8000,
-                summarizer=ChatHolySheep(model="gpt-4.1-mini"),
-            )
-            agent = create_agent(
-                ChatHolySheep(model="deepseek-v3.2"),
-                tools=[lookup_order],
-                system_prompt="You are a support assistant.",
-                middleware=[ContextWindowMiddleware(window=window)],
-                checkpointer=InMemorySaver(),
-            )
-            agent.invoke(
-                {"messages": [{"role": "user", "content": "Where is order 42?"}]},
-                {"configurable": {"thread_id": "customer-7"}},
-            )
+    Limits:
+        Tools that a ``response_format`` adds when the model is bound (structured output
+        through ``ToolStrategy``) are not counted. A middleware that deletes messages from the
+        state (such as ``SummarizationMiddleware``) invalidates the stored positions; the
+        window then starts afresh and logs a warning, so do not combine the two.
+
+    Raises:
+        ContextOverflowError: From a model call whose current turn alone (the newest user
+            message and the tool calls and results after it) cannot fit the budget.
 
     Args:
         window: The ``ContextWindow`` that plans each prompt (budget, tokenizer, summarizer).
@@ -219,7 +231,7 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
         )
         self._planned(step.thread, plan)
         response = handler(self._planned_request(request, plan))
-        return self._with_state(response, plan, step.state)
+        return self._with_state(response, plan, step.stored)
 
     async def awrap_model_call(
         self,
@@ -246,7 +258,7 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
         )
         self._planned(step.thread, plan)
         response = await handler(self._planned_request(request, plan))
-        return self._with_state(response, plan, step.state)
+        return self._with_state(response, plan, step.stored)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -278,7 +290,7 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
         )
         system.extend(messages[:lead])
         conversation = messages[lead:]
-        state = window_state_from(request.state)
+        stored = state = window_state_from(request.state)
         if max(state.load_from, state.window_start) > len(conversation):
             # Something else rewrote the history (e.g. a middleware that deletes messages):
             # the stored positions no longer point into it, so start the window afresh.
@@ -292,7 +304,8 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
             state = WindowState(version=state.version)
         offset = state.load_from
         reserved = self._count_tools(request.tools) if self.count_tools else 0
-        return _Step(system, list(conversation[offset:]), offset, state, reserved, _thread_id())
+        tail: list[BaseMessage] = list(conversation[offset:])
+        return _Step(system, tail, offset, state, reserved, _thread_id(), stored)
 
     @staticmethod
     def _planned_request(

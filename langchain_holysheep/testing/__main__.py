@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -33,9 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as server:
         for name, value in server.env().items():
             print(f"export {name}={value}")
-        print("# serving; press Ctrl-C to stop", flush=True)
+        print("# serving; press Ctrl-C (or send SIGTERM) to stop", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
         with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+            while not stop.wait(0.5):
+                pass
     return 0
 
 

@@ -345,8 +345,11 @@ FaultPolicy = Callable[[dict[str, Any]], "Fault | None"]
 # Default replies
 
 
-def _example_from_schema(schema: Any, depth: int = 0) -> Any:
-    """Return a small value that validates against a JSON schema (the common subset)."""
+def _example_from_schema(schema: Any, depth: int = 0, *, text: str = "example") -> Any:
+    """Return a small value that validates against a JSON schema (the common subset).
+
+    Strings get ``text``; the first option of an ``enum`` / ``anyOf`` is taken.
+    """
     if not isinstance(schema, dict) or depth > 8:
         return None
     if "const" in schema:
@@ -358,13 +361,15 @@ def _example_from_schema(schema: Any, depth: int = 0) -> Any:
     for key in ("anyOf", "oneOf", "allOf"):
         if schema.get(key):
             options = [s for s in schema[key] if s.get("type") != "null"] or schema[key]
-            return _example_from_schema(options[0], depth + 1)
+            return _example_from_schema(options[0], depth + 1, text=text)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), None)
     if kind == "object" or "properties" in schema:
         props = schema.get("properties") or {}
-        return {name: _example_from_schema(sub, depth + 1) for name, sub in props.items()}
+        return {
+            name: _example_from_schema(sub, depth + 1, text=text) for name, sub in props.items()
+        }
     if kind == "array":
         return []
     if kind == "integer":
@@ -375,7 +380,7 @@ def _example_from_schema(schema: Any, depth: int = 0) -> Any:
         return True
     if kind == "null":
         return None
-    return "example"
+    return text
 
 
 def _last_user_text(body: Mapping[str, Any]) -> str:
@@ -388,32 +393,45 @@ def _last_user_text(body: Mapping[str, Any]) -> str:
 def default_reply(body: Mapping[str, Any]) -> Reply:
     """The reply when nothing is scripted: deterministic, and valid for what was asked.
 
-    A forced tool choice gets a call of that tool with example arguments built from its schema;
-    a JSON response format gets example JSON; otherwise the reply quotes the last user message.
+    - A forced tool choice (``required``, or a named function) calls that tool (or the first)
+      with example arguments built from its schema; string fields repeat the last user message.
+    - With tools offered and the choice left to the model, a user message gets a call of the
+      first tool, and a tool result gets a text answer quoting it, so an agent loop runs one
+      tool round and ends.
+    - A JSON response format gets example JSON.
+    - Otherwise the reply quotes the last user message: ``"You said: ..."``.
     """
     tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and "function" in t]
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    last_role = messages[-1].get("role") if messages else None
+    user_text = " ".join(_last_user_text(body).split())
     choice = body.get("tool_choice")
-    forced: dict[str, Any] | None = None
+    call: dict[str, Any] | None = None
     if isinstance(choice, dict):
         wanted = (choice.get("function") or {}).get("name")
-        forced = next((t for t in tools if t["function"].get("name") == wanted), None)
-    elif choice in ("required", "any") and tools:
-        forced = tools[0]
-    if forced is not None:
-        function = forced["function"]
-        args = _example_from_schema(function.get("parameters") or {"type": "object"})
+        call = next((t for t in tools if t["function"].get("name") == wanted), None)
+    elif tools and (
+        choice in ("required", "any") or (choice in (None, "auto") and last_role == "user")
+    ):
+        call = tools[0]
+    if call is not None:
+        function = call["function"]
+        parameters = function.get("parameters") or {"type": "object"}
+        args = _example_from_schema(parameters, text=user_text[:100] or "example")
         return Reply.tool_call(function["name"], args if isinstance(args, dict) else {})
+    if last_role == "tool":
+        result = " ".join(_content_text(messages[-1].get("content")).split())
+        return Reply(content=f"The tool returned: {result[:200]}")
     response_format = body.get("response_format")
     if isinstance(response_format, dict):
         if response_format.get("type") == "json_schema":
             schema = (response_format.get("json_schema") or {}).get("schema") or {}
             return Reply(content=json.dumps(_example_from_schema(schema)))
         if response_format.get("type") == "json_object":
-            return Reply(content=json.dumps({"answer": _last_user_text(body)[:200]}))
-    text = " ".join(_last_user_text(body).split())
-    if len(text) > 200:
-        text = text[:200] + "..."
-    return Reply(content=f"You said: {text}" if text else "Hello! How can I help?")
+            return Reply(content=json.dumps({"answer": user_text[:200]}))
+    if len(user_text) > 200:
+        user_text = user_text[:200] + "..."
+    return Reply(content=f"You said: {user_text}" if user_text else "Hello! How can I help?")
 
 
 # --------------------------------------------------------------------------------------------

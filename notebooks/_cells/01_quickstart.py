@@ -54,12 +54,12 @@ The cell below uses the relay when the key is set and the offline stand-in other
     ),
     (
         "code",
-        r'''
+        r"""
 from _helpers import connect
 
 backend = connect()  # the relay if HOLYSHEEP_API_KEY is set, else the loopback stand-in
 print(backend.describe())
-''',
+""",
     ),
     (
         "markdown",
@@ -73,7 +73,7 @@ capabilities); any other model name works too.
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_holysheep import ChatHolySheep
 
 llm = ChatHolySheep(
@@ -84,7 +84,7 @@ llm = ChatHolySheep(
     max_retries=2,
 )
 {k: llm.profile[k] for k in ("name", "max_input_tokens", "max_output_tokens", "tool_calling")}
-''',
+""",
     ),
     (
         "markdown",
@@ -94,14 +94,17 @@ llm = ChatHolySheep(
     ),
     (
         "code",
-        r'''
+        r"""
 messages = [
-    ("system", "You are a helpful assistant that translates English to French. Translate the user sentence."),
+    (
+        "system",
+        "You are a helpful assistant that translates English to French. Translate the user sentence.",
+    ),
     ("human", "I love programming."),
 ]
 ai_msg = llm.invoke(messages)
 print(ai_msg.content)
-''',
+""",
     ),
     (
         "markdown",
@@ -112,10 +115,10 @@ Every result carries LangChain's standard `usage_metadata` (prompt-cache reads i
     ),
     (
         "code",
-        r'''
+        r"""
 print(ai_msg.usage_metadata)
 print(ai_msg.response_metadata["model_provider"], ai_msg.response_metadata["model_name"])
-''',
+""",
     ),
     (
         "markdown",
@@ -128,7 +131,7 @@ stream cut short raises `HolySheepIncompleteStreamError` instead of returning a 
     ),
     (
         "code",
-        r'''
+        r"""
 full = None
 for chunk in llm.stream("Give me three short facts about sheep."):
     if chunk.text:
@@ -136,7 +139,7 @@ for chunk in llm.stream("Give me three short facts about sheep."):
     full = chunk if full is None else full + chunk
 print()
 print(full.usage_metadata)
-''',
+""",
     ),
     (
         "markdown",
@@ -167,7 +170,7 @@ ai_msg.tool_calls
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_core.messages import HumanMessage
 
 conversation = [HumanMessage(question), ai_msg]
@@ -175,7 +178,7 @@ for call in ai_msg.tool_calls:
     conversation.append(get_weather.invoke(call))  # a ToolMessage answering that call
 final = llm_with_tools.invoke(conversation)
 print(final.content)
-''',
+""",
     ),
     (
         "markdown",
@@ -189,12 +192,14 @@ file with their source and date; `pricing.set_price` overrides them with what yo
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_holysheep.pricing import cost, get_price
 
 print(get_price("deepseek-v3.2"))
-print(f"last answer: {final.usage_metadata['total_tokens']} tokens, ${cost(final.usage_metadata, 'deepseek-v3.2'):.8f}")
-''',
+print(
+    f"last answer: {final.usage_metadata['total_tokens']} tokens, ${cost(final.usage_metadata, 'deepseek-v3.2'):.8f}"
+)
+""",
     ),
     (
         "markdown",
@@ -209,7 +214,7 @@ OpenAI; DeepSeek caches in smaller units, on a best-effort basis.)
     ),
     (
         "code",
-        r'''
+        r"""
 handbook = "\n".join(
     f"Policy {i}: orders placed on a weekday ship within {1 + i % 3} days; "
     f"refunds for category {i} are issued to the original payment method within {5 + i % 10} days."
@@ -217,7 +222,9 @@ handbook = "\n".join(
 )
 rows = []
 for question in ("How fast do orders ship?", "How are refunds paid?"):
-    answer = llm.invoke([("system", "Answer from this handbook.\n" + handbook), ("human", question)])
+    answer = llm.invoke(
+        [("system", "Answer from this handbook.\n" + handbook), ("human", question)]
+    )
     u = answer.usage_metadata
     cached = u.get("input_token_details", {}).get("cache_read", 0)
     rows.append((question, u["input_tokens"], cached, u["output_tokens"], cost(u, "deepseek-v3.2")))
@@ -225,7 +232,7 @@ for question in ("How fast do orders ship?", "How are refunds paid?"):
 print(f"{'question':<28}{'input':>8}{'cached':>8}{'output':>8}{'dollars':>12}")
 for q, i, c, o, d in rows:
     print(f"{q:<28}{i:>8,}{c:>8,}{o:>8,}{d:>12.8f}")
-''',
+""",
     ),
     (
         "markdown",
@@ -239,7 +246,7 @@ before sending, any call once the total reaches the limit.
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_holysheep import get_usage_callback
 
 with get_usage_callback() as usage:
@@ -250,11 +257,11 @@ with get_usage_callback() as usage:
 
 print(usage)
 print(f"{usage.calls} calls, {usage.total_tokens} tokens, ${usage.total_cost:.8f}")
-''',
+""",
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_holysheep import SpendLimitExceeded
 
 with get_usage_callback(spend_limit=0.000001) as usage:  # one millionth of a dollar
@@ -263,7 +270,7 @@ with get_usage_callback(spend_limit=0.000001) as usage:  # one millionth of a do
             llm.invoke(f"Say hello #{k}")
     except SpendLimitExceeded as exc:
         print(f"stopped after {usage.calls} calls: {exc}")
-''',
+""",
     ),
     (
         "markdown",
@@ -275,18 +282,25 @@ with get_usage_callback(spend_limit=0.000001) as usage:  # one millionth of a do
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_core.prompts import ChatPromptTemplate
 
 prompt = ChatPromptTemplate(
     [
-        ("system", "You are a helpful assistant that translates {input_language} to {output_language}."),
+        (
+            "system",
+            "You are a helpful assistant that translates {input_language} to {output_language}.",
+        ),
         ("human", "{input}"),
     ]
 )
 chain = prompt | llm
-print(chain.invoke({"input_language": "English", "output_language": "German", "input": "I love programming."}).content)
-''',
+print(
+    chain.invoke(
+        {"input_language": "English", "output_language": "German", "input": "I love programming."}
+    ).content
+)
+""",
     ),
     (
         "markdown",

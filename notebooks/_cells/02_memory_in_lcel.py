@@ -34,7 +34,7 @@ model, and says so in every summary).
     ),
     (
         "code",
-        r'''
+        r"""
 from _helpers import connect, markdown_table
 
 from langchain_holysheep import ChatHolySheep
@@ -44,9 +44,16 @@ backend = connect()  # the relay if HOLYSHEEP_API_KEY is set, else the loopback 
 print(backend.describe())
 
 llm = ChatHolySheep(model="deepseek-v3.2", temperature=0)
-summarizer = FakeSummarizer() if backend.offline else ChatHolySheep(model="deepseek-v3.2", temperature=0)
-print("Summaries:", "offline FakeSummarizer (not a model)" if backend.offline else "deepseek-v3.2 via ChatHolySheep")
-''',
+summarizer = (
+    FakeSummarizer() if backend.offline else ChatHolySheep(model="deepseek-v3.2", temperature=0)
+)
+print(
+    "Summaries:",
+    "offline FakeSummarizer (not a model)"
+    if backend.offline
+    else "deepseek-v3.2 via ChatHolySheep",
+)
+""",
     ),
     (
         "markdown",
@@ -60,7 +67,7 @@ vocabulary: what matters here is its shape and size.
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_holysheep import TokenCounter
 from langchain_holysheep.workload import synthetic_conversation
 
@@ -69,7 +76,7 @@ history = session.messages[1:]  # without its system prompt: the template below 
 counter = TokenCounter("deepseek-v3.2")
 print(f"{len(history)} messages, {counter.count_messages(history):,} tokens")
 print("planted facts:", *[fact.text for fact in session.facts], sep="\n  ")
-''',
+""",
     ),
     (
         "markdown",
@@ -83,12 +90,12 @@ window without a summary.
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_holysheep import ContextWindow
 
 window = ContextWindow(model="deepseek-v3.2", max_tokens=8000, summarizer=summarizer)
 window
-''',
+""",
     ),
     (
         "markdown",
@@ -103,7 +110,7 @@ next call with a few more messages costs work proportional to the new messages o
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
 prompt = ChatPromptTemplate(
@@ -118,17 +125,21 @@ question = "What was the first order number I gave you?"
 
 plan = window.plan(prompt.invoke({"history": history, "question": question}), config)
 plan
-''',
+""",
     ),
     (
         "code",
-        r'''
+        r"""
 print(f"kept verbatim: {len(plan.kept_ids)} messages {plan.kept_ids}")
-print(f"folded into the summary: {len(plan.summarized_ids)} messages ({plan.summarized_ids[0]} ... {plan.summarized_ids[-1]})")
+folded = plan.summarized_ids
+print(
+    f"folded into the summary: {len(folded)} messages",
+    f"({folded[0]} ... {folded[-1]})" if folded else "",
+)
 print(f"dropped: {len(plan.dropped_ids)}")
 print()
 print(plan.messages[1].content[:700])  # the recap message that carries the summary
-''',
+""",
     ),
     (
         "markdown",
@@ -142,7 +153,7 @@ the second call on most of it is served from the prompt cache (`cache_read`).
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_core.messages import HumanMessage
 
 chain = prompt | window | llm
@@ -170,8 +181,11 @@ for turn, q in enumerate(questions, start=1):
         )
     )
 print(answer.content)
-markdown_table(["turn", "transcript messages", "transcript tokens", "prompt tokens sent", "of which cached"], rows)
-''',
+markdown_table(
+    ["turn", "transcript messages", "transcript tokens", "prompt tokens sent", "of which cached"],
+    rows,
+)
+""",
     ),
     (
         "markdown",
@@ -194,7 +208,7 @@ session (with compare-and-swap, so concurrent workers never overwrite a newer su
     ),
     (
         "code",
-        r'''
+        r"""
 import tempfile
 import warnings
 from pathlib import Path
@@ -222,7 +236,7 @@ with warnings.catch_warnings(record=True) as caught:
     )
 for warning in caught:
     print(f"{warning.category.__name__}: {warning.message}")
-''',
+""",
     ),
     (
         "markdown",
@@ -233,34 +247,47 @@ chat. `history.transcript` is everything stored; `history.last_plan` is what was
     ),
     (
         "code",
-        r'''
+        r"""
 get_session_history("customer-42").add_messages(session.messages[1:])
 
 session_config = {"configurable": {"session_id": "customer-42"}}
 rows = []
-for q in ["Where is my parcel now?", "What was the first order number I gave you?", "Thanks, that's all."]:
+for q in [
+    "Where is my parcel now?",
+    "What was the first order number I gave you?",
+    "Thanks, that's all.",
+]:
     answer = chat.invoke({"question": q}, session_config)
     saved = get_session_history("customer-42")
     transcript = saved.transcript
-    rows.append((q, len(transcript), counter.count_messages(transcript), answer.usage_metadata["input_tokens"]))
+    rows.append(
+        (
+            q,
+            len(transcript),
+            counter.count_messages(transcript),
+            answer.usage_metadata["input_tokens"],
+        )
+    )
 markdown_table(["question", "stored messages", "stored tokens", "prompt tokens sent"], rows)
-''',
+""",
     ),
     (
         "code",
-        r'''
+        r"""
 saved = get_session_history("customer-42")
-saved.messages  # plans the next prompt from the stored state
+next_prompt = saved.messages  # plans the next prompt from the stored state
 saved.last_plan
-''',
+""",
     ),
     (
         "code",
-        r'''
+        r"""
 record = store.get_session("customer-42")
-print(f"{record.message_count} messages stored; the summary covers messages [0, {record.summarized_through}) "
-      f"in {record.summary_tokens} tokens; the window starts at message {record.window_start}; state version {record.version}")
-''',
+print(
+    f"{record.message_count} messages stored; the summary covers messages [0, {record.summarized_through}) "
+    f"in {record.summary_tokens} tokens; the window starts at message {record.window_start}; state version {record.version}"
+)
+""",
     ),
     (
         "markdown",
@@ -271,15 +298,24 @@ from the same transcript and summary, reading only the messages from the window'
     ),
     (
         "code",
-        r'''
+        r"""
 reopened = SQLiteMessageStore(Path(workdir.name) / "conversations.db")
-again = ManagedChatMessageHistory("customer-42", reopened, ContextWindow(model="deepseek-v3.2", max_tokens=8000, summarizer=summarizer))
-print(f"{len(again.transcript)} messages in the transcript, {len(again.messages)} in the next prompt")
-print("same prompt as before:", [m.content for m in again.messages] == [m.content for m in saved.messages])
+again = ManagedChatMessageHistory(
+    "customer-42",
+    reopened,
+    ContextWindow(model="deepseek-v3.2", max_tokens=8000, summarizer=summarizer),
+)
+print(
+    f"{len(again.transcript)} messages in the transcript, {len(again.messages)} in the next prompt"
+)
+print(
+    "same prompt as before:",
+    [m.content for m in again.messages] == [m.content for m in saved.messages],
+)
 reopened.close()
 store.close()
 workdir.cleanup()
-''',
+""",
     ),
     (
         "markdown",

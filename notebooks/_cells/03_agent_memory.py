@@ -40,7 +40,7 @@ the summary.
     ),
     (
         "code",
-        r'''
+        r"""
 from _helpers import connect, markdown_table
 
 from langchain_holysheep import ChatHolySheep
@@ -49,9 +49,16 @@ from langchain_holysheep.simulate import FakeSummarizer
 backend = connect()  # the relay if HOLYSHEEP_API_KEY is set, else the loopback stand-in
 print(backend.describe())
 
-summarizer = FakeSummarizer() if backend.offline else ChatHolySheep(model="deepseek-v3.2", temperature=0)
-print("Summaries:", "offline FakeSummarizer (not a model)" if backend.offline else "deepseek-v3.2 via ChatHolySheep")
-''',
+summarizer = (
+    FakeSummarizer() if backend.offline else ChatHolySheep(model="deepseek-v3.2", temperature=0)
+)
+print(
+    "Summaries:",
+    "offline FakeSummarizer (not a model)"
+    if backend.offline
+    else "deepseek-v3.2 via ChatHolySheep",
+)
+""",
     ),
     (
         "markdown",
@@ -78,21 +85,42 @@ def lookup_order(order_id: str) -> str:
     """Look up an order: its status, items, carrier and tracking events."""
     n = sum(map(ord, order_id))
     tracking = [
-        {"time": f"2025-11-{10 + k:02d}T{8 + (n + k) % 10:02d}:00Z", "place": PLACES[k % 4], "event": EVENTS[k % 4]}
+        {
+            "time": f"2025-11-{10 + k:02d}T{8 + (n + k) % 10:02d}:00Z",
+            "place": PLACES[k % 4],
+            "event": EVENTS[k % 4],
+        }
         for k in range(6)
     ]
     items = [{"sku": f"SKU-{n % 997}", "name": "USB-C charging cable, 2 m", "qty": 2}]
-    return json.dumps({"order_id": order_id, "status": "in transit", "items": items, "carrier": "DHL", "tracking": tracking})
+    return json.dumps(
+        {
+            "order_id": order_id,
+            "status": "in transit",
+            "items": items,
+            "carrier": "DHL",
+            "tracking": tracking,
+        }
+    )
 
 
 @tool
 def refund_status(order_id: str) -> str:
     """Check the refund of a returned order."""
     n = sum(map(ord, order_id))
-    steps = [{"step": s, "at": f"2025-11-{12 + k:02d}"} for k, s in enumerate(["return received", "inspected", "approved"])]
+    steps = [
+        {"step": s, "at": f"2025-11-{12 + k:02d}"}
+        for k, s in enumerate(["return received", "inspected", "approved"])
+    ]
     return json.dumps(
-        {"order_id": order_id, "refund": "approved", "amount_eur": 10.99 + n % 90, "method": "original payment method",
-         "expected_in_days": 3 + n % 5, "history": steps}
+        {
+            "order_id": order_id,
+            "refund": "approved",
+            "amount_eur": round(10.99 + n % 90, 2),
+            "method": "original payment method",
+            "expected_in_days": 3 + n % 5,
+            "history": steps,
+        }
     )
 
 
@@ -113,7 +141,7 @@ a SQLite or Postgres checkpointer to keep it across restarts).
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain.agents import create_agent
 from langgraph.checkpoint.memory import InMemorySaver
 
@@ -131,7 +159,7 @@ agent = create_agent(
     middleware=[ContextWindowMiddleware(window=window, on_plan=plans.append)],
     checkpointer=checkpointer,
 )
-''',
+""",
     ),
     (
         "markdown",
@@ -145,7 +173,7 @@ was sent.
     ),
     (
         "code",
-        r'''
+        r"""
 from langchain_holysheep import TokenCounter
 
 counter = TokenCounter("deepseek-v3.2")
@@ -174,30 +202,48 @@ for turn, question in enumerate(questions, start=1):
     state_tokens = counter.count_messages(state_messages)
     per_turn.append((turn, state_tokens, largest))
     rows.append(
-        (turn, len(turn_plans), len(state_messages), state_tokens, largest,
-         any(p.compacted for p in turn_plans))
+        (
+            turn,
+            len(turn_plans),
+            len(state_messages),
+            state_tokens,
+            largest,
+            any(p.compacted for p in turn_plans),
+        )
     )
 print("last answer:", result["messages"][-1].content[:160])
-markdown_table(["turn", "model calls", "messages in state", "state tokens", "largest prompt sent", "compacted"], rows)
-''',
+markdown_table(
+    [
+        "turn",
+        "model calls",
+        "messages in state",
+        "state tokens",
+        "largest prompt sent",
+        "compacted",
+    ],
+    rows,
+)
+""",
     ),
     (
         "code",
-        r'''
+        r"""
 import matplotlib.pyplot as plt
 
 turns = [t for t, _, _ in per_turn]
 fig, ax = plt.subplots(figsize=(7, 3.5))
 ax.plot(turns, [s for _, s, _ in per_turn], marker="o", label="transcript in the agent state")
 ax.plot(turns, [p for _, _, p in per_turn], marker="o", label="largest prompt sent that turn")
-ax.axhline(plans[-1].tokens.prompt_limit, color="grey", linestyle="--", linewidth=1, label="prompt limit")
+ax.axhline(
+    plans[-1].tokens.prompt_limit, color="grey", linestyle="--", linewidth=1, label="prompt limit"
+)
 ax.set_xlabel("turn")
 ax.set_ylabel("tokens")
 ax.set_title("The state keeps everything; the prompts stay bounded")
 ax.legend()
 ax.grid(alpha=0.3)
 plt.show()
-''',
+""",
     ),
     (
         "markdown",
@@ -210,19 +256,24 @@ with the thread; `window_state_from` reads them.
     ),
     (
         "code",
-        r'''
+        r"""
 from collections import Counter
 
 from langchain_holysheep.middleware import window_state_from
 
 values = agent.get_state(config).values
 state = window_state_from(values)
-print(f"{len(values['messages'])} messages in the state:", dict(Counter(m.type for m in values["messages"])))
-print(f"the summary covers messages [0, {state.summarized_through}) in {state.summary_tokens} tokens; "
-      f"the window starts at message {state.window_start}")
+print(
+    f"{len(values['messages'])} messages in the state:",
+    dict(Counter(m.type for m in values["messages"])),
+)
+print(
+    f"the summary covers messages [0, {state.summarized_through}) in {state.summary_tokens} tokens; "
+    f"the window starts at message {state.window_start}"
+)
 print()
 print(state.summary[:600] if state.summary else "(no summary yet)")
-''',
+""",
     ),
     (
         "markdown",
@@ -233,11 +284,16 @@ two tool schemas, which count toward the budget.
     ),
     (
         "code",
-        r'''
+        r"""
 last = plans[-1]
-print("sent:", " → ".join(m.type + ("(tool_calls)" if getattr(m, "tool_calls", None) else "") for m in last.messages))
+print(
+    "sent:",
+    " → ".join(
+        m.type + ("(tool_calls)" if getattr(m, "tool_calls", None) else "") for m in last.messages
+    ),
+)
 last
-''',
+""",
     ),
     (
         "markdown",
@@ -252,22 +308,30 @@ the event loop, even while a summary is written.
     ),
     (
         "code",
-        r'''
+        r"""
 later_plans = []
 later_agent = create_agent(
     ChatHolySheep(model="deepseek-v3.2", temperature=0),
     tools=[lookup_order, refund_status],
     system_prompt="You are Sheepdog, the support assistant of an online electronics shop. Use the tools; be brief.",
-    middleware=[ContextWindowMiddleware(window=ContextWindow(model="deepseek-v3.2", max_tokens=2500, summarizer=summarizer),
-                                        on_plan=later_plans.append)],
+    middleware=[
+        ContextWindowMiddleware(
+            window=ContextWindow(model="deepseek-v3.2", max_tokens=2500, summarizer=summarizer),
+            on_plan=later_plans.append,
+        )
+    ],
     checkpointer=checkpointer,
 )
-result = await later_agent.ainvoke({"messages": [{"role": "user", "content": "Thanks, that is all for today."}]}, config)
+result = await later_agent.ainvoke(
+    {"messages": [{"role": "user", "content": "Thanks, that is all for today."}]}, config
+)
 first = later_plans[0]
-print(f"{len(result['messages'])} messages in the state; the new call sent {len(first.messages)} messages, "
-      f"{first.tokens.total:,} tokens, recap included: {first.tokens.summary > 0}, compacted: {first.compacted}")
+print(
+    f"{len(result['messages'])} messages in the state; the new call sent {len(first.messages)} messages, "
+    f"{first.tokens.total:,} tokens, recap included: {first.tokens.summary > 0}, compacted: {first.compacted}"
+)
 print("answer:", result["messages"][-1].content[:160])
-''',
+""",
     ),
     (
         "markdown",

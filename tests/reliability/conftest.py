@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 
 from langchain_holysheep.testing import HolySheepTestServer
-from tests.postgres_server import REQUIRE_ENV, PostgresServer, throwaway_postgres, unavailable_reason
+from tests.postgres_server import (
+    REQUIRE_ENV,
+    PostgresServer,
+    throwaway_postgres,
+    unavailable_reason,
+)
 from tests.reliability.support import StoreSpec
 
 SOAK_ENV = "HOLYSHEEP_SOAK"

@@ -127,7 +127,9 @@ class Relay:
 
 
 def _window(relay: Relay, max_tokens: int) -> ContextWindow:
-    return make_window(make_model(relay.base_url, relay.api_key, max_retries=5), max_tokens=max_tokens)
+    return make_window(
+        make_model(relay.base_url, relay.api_key, max_retries=5), max_tokens=max_tokens
+    )
 
 
 def run_threads(
@@ -214,7 +216,9 @@ def audit(store: MessageStore, sessions: Sequence[str], turns: int) -> list[str]
     return problems
 
 
-def shared_problems(store: MessageStore, session: str, writers: Sequence[str], turns: int) -> list[str]:
+def shared_problems(
+    store: MessageStore, session: str, writers: Sequence[str], turns: int
+) -> list[str]:
     """Audit a session many writers appended to: whole pairs, each writer's order, no gaps."""
     stored = store.read(session)
     problems: list[str] = []

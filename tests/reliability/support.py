@@ -126,9 +126,7 @@ def is_summary_request(body: Mapping[str, Any]) -> bool:
     if not messages or not isinstance(messages[0], dict):
         return False
     first = messages[0]
-    return first.get("role") == "system" and str(first.get("content", "")).startswith(
-        _SUMMARY_HEAD
-    )
+    return first.get("role") == "system" and str(first.get("content", "")).startswith(_SUMMARY_HEAD)
 
 
 def covers_summary(body: Mapping[str, Any]) -> str | None:
@@ -231,12 +229,9 @@ async def async_turn(
 def prompt_problems(result: TurnResult) -> list[str]:
     """What is wrong with a turn's prompt: invalid, or over the window's limit."""
     problems = list(find_prompt_problems(result.prompt))
-    if result.prompt_limit is not None and result.prompt_tokens is not None:
-        if result.prompt_tokens > result.prompt_limit:
-            problems.append(
-                f"the plan counts {result.prompt_tokens} tokens, over its limit of "
-                f"{result.prompt_limit}"
-            )
+    limit, tokens = result.prompt_limit, result.prompt_tokens
+    if limit is not None and tokens is not None and tokens > limit:
+        problems.append(f"the plan counts {tokens} tokens, over its limit of {limit}")
     return problems
 
 
@@ -252,8 +247,6 @@ def record_problems(record: SessionRecord) -> list[str]:
             f"window_start={record.window_start}, message_count={record.message_count} out of "
             "order"
         )
-    if record.summarized_through and record.summary is None:
-        problems.append(f"{record.session_id}: summarized_through>0 but no summary")
     return problems
 
 

@@ -30,8 +30,8 @@ from tests.reliability.support import (
     open_store,
     prompt_problems,
     question,
-    summary_problems,
     stored_tags,
+    summary_problems,
     sync_turn,
     tag_responder,
     transcript_problems,
@@ -227,7 +227,8 @@ def test_summarizer_failing_every_call_for_100_turns_loses_nothing(
             result = sync_turn(history, model, SESSION, turn)
             assert prompt_problems(result) == []
         record = sqlite_store.get_session(SESSION)
-        assert record.summary is not None and record.summarized_through > 0
+        assert record.summary is not None
+        assert record.summarized_through > 0
         assert transcript_problems(sqlite_store, SESSION, turns + 3) == []
         assert summary_problems(record, stored_tags(sqlite_store, SESSION)) == []
 
@@ -316,3 +317,25 @@ def test_agent_failed_model_call_keeps_the_question_once_and_resumes(
         assert find_prompt_problems(plan.messages) == []
         assert plan.tokens.total <= plan.tokens.prompt_limit
     assert any(plan.compacted for plan in plans), "the window never compacted"
+
+
+async def test_async_agent_failed_model_call_resumes(
+    server: HolySheepTestServer, summary_server: HolySheepTestServer
+) -> None:
+    plans: list[Any] = []
+    agent = _agent(server, summary_server, plans)
+    config: dict[str, Any] = {"configurable": {"thread_id": "agent-async"}}
+    for turn in range(6):
+        await agent.ainvoke({"messages": [HumanMessage(question("agent", turn))]}, config)
+    server.inject(*[Fault.server_error(503)] * (MAX_RETRIES + 1))
+    with pytest.raises(HolySheepError):
+        await agent.ainvoke({"messages": [HumanMessage(question("agent", 6))]}, config)
+    assert server.pending_faults == 0
+    state = await agent.aget_state(config)
+    assert state.values["messages"][-1].content == question("agent", 6)
+    await agent.ainvoke(None, config)
+    for turn in range(7, 10):
+        await agent.ainvoke({"messages": [HumanMessage(question("agent", turn))]}, config)
+    _check_agent_state(agent, config, 10)
+    assert all(find_prompt_problems(plan.messages) == [] for plan in plans)
+    assert any(plan.compacted for plan in plans)

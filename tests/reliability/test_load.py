@@ -72,10 +72,9 @@ def _run_processes(
     assert [proc.exitcode for proc in procs] == [0] * processes
     store = open_store(spec)
     try:
-        writers = [f"{name}/p{p}" for p in range(processes)]
         for name in names:
-            assert shared_problems(store, name, [f"{name}/p{p}" for p in range(processes)],
-                                   turns) == [], writers  # fmt: skip
+            writers = [f"{name}/p{p}" for p in range(processes)]
+            assert shared_problems(store, name, writers, turns) == []
     finally:
         store.close()
     return reports

@@ -432,3 +432,23 @@ def test_one_model_serves_several_event_loops(model: ChatHolySheep) -> None:
 
     answers = [asyncio.run(model.ainvoke(f"run {k}")).content for k in range(3)]
     assert answers == ["You said: run 0", "You said: run 1", "You said: run 2"]
+
+
+def test_the_test_server_docstring_example_runs() -> None:
+    doc = HolySheepTestServer.__doc__ or ""
+    block = doc.split("::\n", 1)[1].split("\n\n    What", 1)[0]
+    code = textwrap.dedent(block)
+    assert "server.inject(Fault.rate_limited" in code  # the example still shows retries
+    exec(compile(code, "HolySheepTestServer.__doc__", "exec"), {})
+
+
+def test_proxy_from_the_environment_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a corporate proxy (HTTPS_PROXY) the sync client must route through it."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    # A base URL no other test uses, so no cached client built without the proxy is reused.
+    llm = ChatHolySheep(
+        model="deepseek-v3.2", api_key="k", base_url="https://relay.proxy-test.invalid/v1"
+    )
+    http = llm.root_client._client
+    proxied = [pattern for pattern, transport in http._mounts.items() if transport is not None]
+    assert proxied, "HTTPS_PROXY was ignored by the sync HTTP client"

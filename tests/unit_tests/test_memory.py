@@ -133,9 +133,24 @@ def test_conversations_are_kept_apart_and_bounded() -> None:
     window = make_window(max_conversations=2)
     for i in range(3):
         window.invoke(conversation(5, seed=i), {"configurable": {"session_id": f"s{i}"}})
-    assert list(window._conversations) == ["session_id:s1", "session_id:s2"]
+    assert list(window._rt.conversations) == ["session_id:s1", "session_id:s2"]
     window.forget()
-    assert not window._conversations
+    assert not window._rt.conversations
+
+
+def test_conversations_with_the_same_first_message_are_told_apart() -> None:
+    summarizer = Summarizer(transcripts=[])
+    window = make_window(summarizer=summarizer)
+    a = conversation(60, seed=1)
+    b = [a[0], a[1], *conversation(60, seed=2)[2:]]  # same opening, different chat
+    window.plan(a[:100])
+    window.plan(b[:100])
+    calls = len(summarizer.transcripts)
+    window.plan(a[:102])
+    window.plan(b[:102])
+    assert len(window._rt.conversations) == 1  # one derived key ...
+    assert len(next(iter(window._rt.conversations.values()))) == 2  # ... two conversations
+    assert len(summarizer.transcripts) - calls <= 2  # no re-summarizing from scratch
 
 
 def test_caller_list_is_never_mutated() -> None:
@@ -361,3 +376,8 @@ def test_a_too_long_summary_is_bounded_to_the_allocation() -> None:
     assert plan.state.summary
     limits = window.limits(len(history) - 1)
     assert plan.state.summary_tokens <= limits.summary
+
+
+def test_a_budget_too_small_for_summaries_warns_at_construction() -> None:
+    with pytest.warns(SummaryFailureWarning, match="Raise max_tokens"):
+        make_window(max_tokens=300, summarizer=Summarizer(transcripts=[]))

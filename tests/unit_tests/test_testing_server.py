@@ -205,6 +205,27 @@ def test_default_reply_calls_a_forced_tool_with_schema_valid_args() -> None:
     )
 
 
+def test_default_reply_runs_one_agent_round_when_tools_are_offered() -> None:
+    tool = {"type": "function", "function": {"name": "lookup_order", "parameters": {
+        "type": "object", "properties": {"order_id": {"type": "string"}}}}}  # fmt: skip
+    asked = {"messages": [{"role": "user", "content": "Where is A-17?"}], "tools": [tool]}
+    call = default_reply(asked).tool_calls[0]
+    assert call.name == "lookup_order"  # type: ignore[union-attr]
+    assert call.args == {"order_id": "Where is A-17?"}  # type: ignore[union-attr]
+    answered = {
+        "messages": [
+            *asked["messages"],
+            {"role": "assistant", "content": None, "tool_calls": []},
+            {"role": "tool", "content": "shipped on Monday", "tool_call_id": "c1"},
+        ],
+        "tools": [tool],
+    }
+    assert default_reply(answered).content == "The tool returned: shipped on Monday"
+    assert default_reply(answered).tool_calls == ()
+    no_tools = {**asked, "tool_choice": "none"}
+    assert default_reply(no_tools).content == "You said: Where is A-17?"
+
+
 def test_stream_has_role_content_finish_usage_and_done(server: HolySheepTestServer) -> None:
     server.script("Your parcel ships today.")
     status, headers, raw = _chat(server, stream=True, stream_options={"include_usage": True})
@@ -486,5 +507,5 @@ def test_command_line_server_prints_its_env_and_serves() -> None:
         assert conn.getresponse().status == 200
         conn.close()
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0  # a clean exit, not death by signal

@@ -109,7 +109,9 @@ def test_compaction_moves_to_a_human_message_under_the_low_mark() -> None:
     assert layout.compacted
     assert isinstance(p.messages[2], HumanMessage)
     assert not is_recap(p.messages[2])
-    # Low mark 500: system 10 + summary allowance 100 + turn 50 + fixed 3 leave 337: one pair.
+    # Low mark 500: system 10 + turn 50 + fixed 3 leave 437 for the summary and the window.
+    # The new summary is assumed as long as the previous one (none yet), and at least the
+    # allowance minus the marks' gap (100 - 400 < 0): one pair of 300 fits.
     assert layout.new_start == 6
     assert list(layout.fold_positions) == [0, 1, 2, 3, 4, 5]
     assert p.state.summarized_through == 6
@@ -118,6 +120,18 @@ def test_compaction_moves_to_a_human_message_under_the_low_mark() -> None:
     assert p.tokens.summary == 40
     assert p.summarized_ids == ["m0", "m1", "m2", "m3", "m4", "m5"]
     assert p.tokens.total <= 500
+
+
+def test_a_longer_previous_summary_leaves_less_room_for_the_window() -> None:
+    spec = [("h", 100), ("a", 200)] * 4 + [("h", 50)]
+    state = WindowState(summary="old", summary_tokens=90, summarized_through=0)
+    layout, _ = plan(spec, state=state, lim=limits(summary=400), summary=("auto",))  # type: ignore[arg-type]
+    # 437 - 90 = 347: still one pair; with a 160-token summary only the current turn fits.
+    assert layout.new_start == 6
+    state = WindowState(summary="old", summary_tokens=160, summarized_through=0)
+    layout, p = plan(spec, state=state, lim=limits(summary=400), summary=("auto",))  # type: ignore[arg-type]
+    assert layout.new_start == 8
+    assert p.tokens.total <= limits().high_mark
 
 
 def test_hysteresis_no_compaction_until_the_high_mark_again() -> None:
@@ -319,6 +333,10 @@ def test_plan_renders_as_table_and_html() -> None:
     assert html.startswith("<div>")
     assert "<table>" in html
     assert "1,000" in html
+    # repr stays one line and never dumps the messages.
+    assert "\n" not in repr(p)
+    assert repr(p).startswith(f"ContextPlan(messages={len(p.messages)}, ")
+    assert str(p.messages[-1].content) not in repr(p)
 
 
 def test_cached_tokens_use_the_previous_prompt() -> None:

@@ -21,6 +21,7 @@ from langchain_core.outputs import ChatResult
 from pydantic import Field
 
 from langchain_holysheep.memory import ContextWindow
+from langchain_holysheep.prompt_cache import cacheable_tokens
 from langchain_holysheep.prompt_check import find_prompt_problems
 from langchain_holysheep.window import (
     ConversationIndex,
@@ -183,18 +184,7 @@ def check_plan(
         assert not any("no summarizer" in r for r in plan.dropped_reasons.values())
 
 
-@given(
-    messages=conversations(),
-    data=st.data(),
-    prompt=st.integers(40, 3000),
-    fixed=st.integers(0, 30),
-    marks=st.tuples(st.floats(0.2, 1.0), st.floats(0.2, 1.0)).map(sorted),
-    window_size=st.none() | st.integers(1, 12),
-    truncate=st.booleans(),
-    summarize=st.booleans(),
-)
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_every_plan_keeps_the_invariants(
+def _every_plan_keeps_the_invariants(
     messages: list[BaseMessage],
     data: st.DataObject,
     prompt: int,
@@ -301,6 +291,28 @@ def test_every_plan_keeps_the_invariants(
     assert messages == snapshot
 
 
+PLANNER_INPUTS: dict[str, Any] = {
+    "messages": conversations(),
+    "data": st.data(),
+    "prompt": st.integers(40, 3000),
+    "fixed": st.integers(0, 30),
+    "marks": st.tuples(st.floats(0.2, 1.0), st.floats(0.2, 1.0)).map(sorted),
+    "window_size": st.none() | st.integers(1, 12),
+    "truncate": st.booleans(),
+    "summarize": st.booleans(),
+}
+
+test_every_plan_keeps_the_invariants = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)(given(**PLANNER_INPUTS)(_every_plan_keeps_the_invariants))
+
+test_every_plan_keeps_the_invariants_thoroughly = pytest.mark.slow(
+    settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))(
+        given(**PLANNER_INPUTS)(_every_plan_keeps_the_invariants)
+    )
+)
+
+
 class FlakySummarizer(FakeListChatModel):
     """A fake summarizer whose calls fail when the next flag says so."""
 
@@ -351,11 +363,19 @@ def test_context_window_plans_keep_the_invariants(
     snapshot = list(full)
     humans = [i for i, m in enumerate(full) if isinstance(m, HumanMessage)]
     counter = window.counter
+    previous: Any = None
     for end in sorted({*(h + 1 for h in humans), len(full)}):
         try:
             plan = window.plan(full[:end])
         except ContextOverflowError:
+            previous = None
             continue
+        if previous is not None and not (plan.compacted or truncate or previous.notes):
+            # Between compactions the prompt grows append-only (a cacheable prefix).
+            assert plan.messages[: len(previous.messages)] == previous.messages
+            repeated = previous.tokens.total - counter.REPLY_PRIMING
+            assert plan.cached_tokens == cacheable_tokens(repeated)
+        previous = plan
         sent = plan.messages
         assert find_prompt_problems(sent) == []
         assert sent[0] is system[0]
