@@ -119,6 +119,38 @@ def _redact(text: str, secret: str | None) -> str:
     return text
 
 
+def _redact_value(value: Any, secret: str) -> Any:
+    if isinstance(value, str):
+        return _redact(value, secret)
+    if isinstance(value, dict):
+        return {k: _redact_value(v, secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v, secret) for v in value]
+    return value
+
+
+def _scrub_error(error: BaseException, secret: str | None) -> None:
+    """Redact the key from an SDK error in place: it is chained to ours and logged with it.
+
+    A relay that quotes the key in an error body would otherwise leak it through the
+    traceback of ``logger.exception`` (which prints the chained error) or ``error.body``.
+    """
+    if not secret or len(secret) < 4:
+        return
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:  # the whole chain: langchain-openai wraps the SDK's error in its own
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.args = tuple(_redact_value(a, secret) for a in current.args)
+        if isinstance(current, openai.APIError):
+            current.message = _redact(current.message, secret)
+            current.body = _redact_value(current.body, secret)
+        pending += [current.__cause__, current.__context__]
+
+
 def _server_message(error: openai.APIError, secret: str | None) -> str:
     """The relay's own error text, short and without the key, as `` Relay said: ...``."""
     body = error.body
@@ -727,6 +759,7 @@ class ChatHolySheep(BaseChatOpenAI):
             ))  # fmt: skip
         if not isinstance(error, openai.APIError) or isinstance(error, HolySheepResponseError):
             return error
+        _scrub_error(error, secret)
         retries = _retries_taken(error)
         limit = self._max_retries
         tries = (

@@ -397,7 +397,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = _run_with_progress(
-            out, replay, policies, args.model, counter, price, summarizer_price
+            out,
+            replay,
+            policies,
+            args.model,
+            counter,
+            price,
+            summarizer_price,
+            # A summarizer of another model cannot reuse the chat model's prompt cache.
+            summarizer_cache=summarizer_model == args.model,
         )
     _print_simulation(out, result)
     _print_warnings(out, caught)
@@ -445,11 +453,12 @@ def _simulation_summarizer(
                 ChatHolySheep(model_name=summarizer_model, temperature=0),
                 f"real, written by {summarizer_model} through ChatHolySheep",
             )
-        return FakeSummarizer(), (
+        return FakeSummarizer(model_name=summarizer_model), (
             f"{KEY_ENV} is not set, so --summarize cannot call a model: using the OFFLINE "
             "FAKE summarizer (keeps planted facts and first sentences; not a model)"
         )
-    return FakeSummarizer(), (
+    # Named after the model it stands in for, so cache-aligned summaries are simulated as such.
+    return FakeSummarizer(model_name=summarizer_model), (
         "OFFLINE FAKE summarizer (deterministic; keeps planted facts and first sentences; not a "
         f"model). Real summaries: set {KEY_ENV} and pass --summarize"
     )
@@ -463,6 +472,7 @@ def _run_with_progress(
     counter: TokenCounting,
     price: ModelPrice | None,
     summarizer_price: ModelPrice | None,
+    summarizer_cache: bool,
 ) -> SimulationResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -488,6 +498,7 @@ def _run_with_progress(
             counter=counter,
             price=price,
             summarizer_price=summarizer_price,
+            summarizer_cache=summarizer_cache,
             on_call=on_call,
         )
 

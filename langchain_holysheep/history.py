@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
 
 from langchain_holysheep.stores.base import MessageStore, SessionRecord, validate_key
 from langchain_holysheep.window import ContextPlan, WindowState
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_RETRIES: Final = 5
+CALIBRATION_TOLERANCE: Final = 0.01
+"""A learned factor is written to the session record when it differs from the stored one by
+more than this (relative): a converged factor costs no writes (each bumps the version)."""
 
 
 def _state_of(record: SessionRecord) -> WindowState:
@@ -50,6 +53,19 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
     ``add_messages`` appends atomically (one transaction) and stores each message's token
     count, counted once with ``window.counter``. ``transcript`` returns every stored message.
     ``clear()`` deletes the session.
+
+    Calibration: when ``add_messages`` receives an ``AIMessage`` whose ``usage_metadata``
+    reports ``input_tokens`` (as ``ChatHolySheep``'s answers do), the history compares that
+    with what the plan it last returned counted for the prompt (``last_plan.tokens.total``,
+    which includes ``reserved_tokens``; for a second answer in the same batch, as in a tool
+    loop, plus the messages added after the first answer) and calibrates ``window.counter``
+    (see ``TokenCounter.observe_response``), so budgets follow the model's real tokenizer.
+    Messages added before the first answer are the new input that ``reserved_tokens`` stands
+    for. The factor belongs to the counter, i.e. to the model, and is shared by every session
+    whose history uses that window. It is also written to the session record's
+    ``calibration`` (compare-and-swap, after the messages are stored, when it moved by more
+    than ``CALIBRATION_TOLERANCE``) so that it survives a restart: the first read of a
+    session seeds a counter that has not calibrated yet with the stored value.
 
     Keep the system prompt in the prompt template, not in the history: stored messages are
     the conversation the window manages.
@@ -94,9 +110,14 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
             window: What to send each turn; ``None`` returns the whole transcript (a plain
                 durable history, which then reads every message each turn).
             reserved_tokens: Tokens the caller sends besides these messages (system prompt,
-                the new input, tool schemas), passed to the window.
+                the new input, tool schemas), passed to the window. Count them with
+                ``window.counter``: calibration compares the provider's report with the plan
+                total, which includes them (an over-generous allowance is learned as a
+                factor below 1, an omitted system prompt as one above 1, so the real prompt
+                still lands within the budget).
             max_retries: Re-plans after a compare-and-swap conflict before giving up on
-                persisting this turn's state (the prompt is still returned).
+                persisting this turn's state (the prompt is still returned); also the
+                retries of writing a new calibration factor.
         """
         self.session_id = validate_key(session_id)
         if store is None:
@@ -115,6 +136,11 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
         """The plan behind the last ``messages`` read, for inspection (``print(...)``)."""
         self._counter: TokenCounter | None = None
         self._cache: tuple[int, int, list[BaseMessage]] | None = None
+        # Counted tokens of the prompt the last read returned, grown by the messages added
+        # after its answer (tool loops), while that read is the newest; None: nothing to match.
+        self._prompt_tokens: int | None = None
+        self._answered = False
+        self._stored_calibration: float | None = None
 
     def __repr__(self) -> str:
         return f"ManagedChatMessageHistory({self.session_id!r}, store={self.store!r})"
@@ -140,24 +166,40 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
     # -- writes ----------------------------------------------------------------------------------
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Append messages in one atomic write, with their token counts."""
+        """Append messages in one atomic write, with their token counts.
+
+        Then, if an answer among them reports its prompt's tokens, calibrate the window's
+        counter and store the factor (see the class docstring); a failure to store the
+        factor is logged, never raised: the messages are already stored.
+        """
         messages = list(messages)
-        self.store.append(self.session_id, messages, self._count(messages))
+        counts = self._count(messages)
+        self.store.append(self.session_id, messages, counts)
+        if self._observe(messages, counts):
+            self._save_calibration()
 
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Async :meth:`add_messages`."""
         messages = list(messages)
-        await self.store.aappend(self.session_id, messages, self._count(messages))
+        counts = self._count(messages)
+        await self.store.aappend(self.session_id, messages, counts)
+        if self._observe(messages, counts):
+            await self._asave_calibration()
 
     def clear(self) -> None:
         """Delete the session: every message and the summary state."""
         self.store.delete_session(self.session_id)
-        self._cache = None
+        self._forget()
 
     async def aclear(self) -> None:
         """Async :meth:`clear`."""
         await self.store.adelete_session(self.session_id)
+        self._forget()
+
+    def _forget(self) -> None:
         self._cache = None
+        self._prompt_tokens = None
+        self._stored_calibration = None
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -175,6 +217,7 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
         """The managed context: what the window sends for this session now."""
         for _ in range(self.max_retries + 1):
             record = self.store.get_session(self.session_id)
+            self._restore_calibration(record)
             cached = self._cached(record)
             if cached is not None:
                 return cached
@@ -201,6 +244,7 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
         """Async :attr:`messages`: the summarizer, if it runs, is awaited."""
         for _ in range(self.max_retries + 1):
             record = await self.store.aget_session(self.session_id)
+            self._restore_calibration(record)
             cached = self._cached(record)
             if cached is not None:
                 return cached
@@ -229,11 +273,19 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
         # Unchanged record and message count since the last plan: the same plan again
         # (RunnableWithMessageHistory reads `messages` twice per turn).
         if self._cache is not None and self._cache[:2] == (record.version, record.message_count):
+            if self.last_plan is not None:
+                self._sending(self.last_plan)
             return list(self._cache[2])
         return None
 
+    def _sending(self, plan: ContextPlan) -> None:
+        """The caller is about to send ``plan``: its answer's report is matched with it."""
+        self._prompt_tokens = plan.tokens.total
+        self._answered = False
+
     def _remember(self, plan: ContextPlan, record: SessionRecord, end: int) -> list[BaseMessage]:
         self.last_plan = plan
+        self._sending(plan)
         version = record.version if plan.state == _state_of(record) else record.version + 1
         self._cache = (version, end, list(plan.messages)) if end == record.message_count else None
         return list(plan.messages)
@@ -282,5 +334,89 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
             self.max_retries + 1,
         )
         self.last_plan = plan
+        self._sending(plan)
         self._cache = None
         return list(plan.messages)
+
+    # -- calibration -----------------------------------------------------------------------------
+
+    def _restore_calibration(self, record: SessionRecord) -> None:
+        if record.calibration is None or self.window is None:
+            return
+        self._stored_calibration = record.calibration
+        if self.window.counter.restore_calibration(record.calibration):
+            logger.debug(
+                "session %r: token calibration %.4f restored from the store",
+                self.session_id,
+                record.calibration,
+            )
+
+    def _observe(self, messages: Sequence[BaseMessage], counts: Sequence[int]) -> bool:
+        """Calibrate from the answers among ``messages``; return whether the factor moved."""
+        if self.window is None or self._prompt_tokens is None:
+            return False
+        counter = self.window.counter
+        learned = False
+        for message, count in zip(messages, counts, strict=True):
+            if isinstance(message, AIMessage):
+                if counter.observe_response(self._prompt_tokens, message) is not None:
+                    learned = True
+                self._answered = True
+            if self._answered:
+                # The next call of a tool loop sends this prompt plus what followed the answer.
+                self._prompt_tokens += count
+        return learned
+
+    def _calibration_to_save(self, stored: float | None) -> float | None:
+        assert self.window is not None
+        factor = self.window.counter.calibration
+        if stored is not None and abs(factor / stored - 1) <= CALIBRATION_TOLERANCE:
+            return None
+        return factor
+
+    def _save_calibration(self) -> None:
+        if self._calibration_to_save(self._stored_calibration) is None:
+            return
+        try:
+            for _ in range(self.max_retries + 1):
+                record = self.store.get_session(self.session_id)
+                factor = self._calibration_to_save(record.calibration)
+                if factor is None or self.store.update_session(
+                    self.session_id, expected_version=record.version, calibration=factor
+                ):
+                    self._stored_calibration = record.calibration if factor is None else factor
+                    return
+            self._calibration_not_saved(None)
+        except Exception as exc:  # the messages are stored; the factor is only an optimisation
+            self._calibration_not_saved(exc)
+
+    async def _asave_calibration(self) -> None:
+        if self._calibration_to_save(self._stored_calibration) is None:
+            return
+        try:
+            for _ in range(self.max_retries + 1):
+                record = await self.store.aget_session(self.session_id)
+                factor = self._calibration_to_save(record.calibration)
+                if factor is None or await self.store.aupdate_session(
+                    self.session_id, expected_version=record.version, calibration=factor
+                ):
+                    self._stored_calibration = record.calibration if factor is None else factor
+                    return
+            self._calibration_not_saved(None)
+        except Exception as exc:  # the messages are stored; the factor is only an optimisation
+            self._calibration_not_saved(exc)
+
+    def _calibration_not_saved(self, exc: Exception | None) -> None:
+        why = (
+            f"{type(exc).__name__}: {exc}"
+            if exc is not None
+            else f"the session record changed under {self.max_retries + 1} attempts"
+        )
+        logger.warning(
+            "session %r: the token calibration factor %.4f was not stored (%s); the messages "
+            "are stored, and the factor is kept in memory and stored with a later answer",
+            self.session_id,
+            self.window.counter.calibration if self.window is not None else float("nan"),
+            why,
+            exc_info=exc is not None,
+        )

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.language_models import BaseChatModel
@@ -29,18 +31,29 @@ from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from langchain_holysheep.background import (
+    DEFAULT_LEASE_TTL,
+    BackgroundSummaries,
+    SummaryChain,
+    SummaryJob,
+    SummaryLeaseHeldError,
+    anchor_key,
+    messages_digest,
+)
 from langchain_holysheep.budget import ContextBudget
 from langchain_holysheep.prompt_cache import same_message
 from langchain_holysheep.summarize import (
     RunningSummarizer,
     SummaryError,
     SummaryFailureWarning,
+    SummaryMode,
     shorten_text,
 )
 from langchain_holysheep.tokens import TokenCounter
 from langchain_holysheep.window import (
     ContextPlan,
     ConversationIndex,
+    TurnLayout,
     WindowLimits,
     WindowState,
     finish_turn,
@@ -48,12 +61,25 @@ from langchain_holysheep.window import (
     recap_message,
 )
 
-__all__ = ["DEFAULT_HIGH_WATER", "DEFAULT_LOW_WATER", "ContextWindow", "WindowInput"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from langchain_holysheep.stores.base import MessageStore
+
+__all__ = [
+    "DEFAULT_HIGH_WATER",
+    "DEFAULT_LOW_WATER",
+    "DEFAULT_PRECOMPACT",
+    "ContextWindow",
+    "WindowInput",
+]
 
 DEFAULT_HIGH_WATER = 0.9
 """Default compaction trigger, as a fraction of the prompt limit (chosen by the cost sweep)."""
 DEFAULT_LOW_WATER = 0.3
 """Default compaction target, as a fraction of the prompt limit (chosen by the cost sweep)."""
+DEFAULT_PRECOMPACT = 0.8
+"""Default pre-compaction mark, as a fraction of the high-water mark (background summaries)."""
 
 WindowInput = Sequence[MessageLikeRepresentation] | PromptValue
 
@@ -71,6 +97,8 @@ class FoldRequest:
         counts: Their token counts.
         max_tokens: The most the new summary may count.
         through: The new summary covers messages ``[0, through)``.
+        prompt: The exact prompt last sent for the conversation, for a cache-aligned summary
+            (``None``: the summary is asked for in isolation).
     """
 
     previous: str | None
@@ -78,9 +106,29 @@ class FoldRequest:
     counts: list[int]
     max_tokens: int
     through: int
+    prompt: Sequence[BaseMessage] | None = None
 
 
 _Outcome = str | SummaryError
+
+
+@dataclass(frozen=True)
+class _StartJob:
+    """Asks the driver to start a background summary (a thread when sync, a task when async)."""
+
+    job: SummaryJob
+
+
+@dataclass(frozen=True)
+class _WaitJob:
+    """Asks the driver to wait for a background summary, at most ``timeout`` seconds."""
+
+    job: SummaryJob
+    timeout: float | None
+
+
+_Command = FoldRequest | _StartJob | _WaitJob
+_Finish = Callable[[TurnLayout, "tuple[str, int, int] | None"], ContextPlan]
 
 
 @dataclass
@@ -133,6 +181,7 @@ class _Runtime:
         self.price: tuple[float, float] | None = None
         self.model_name: str | None = None
         self.message_cap: int | None = None
+        self.background: BackgroundSummaries | None = None
 
 
 def _same_item(a: Any, b: Any) -> bool:
@@ -185,6 +234,29 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
     few more messages costs time proportional to the new messages. Store-backed callers use
     :meth:`step` / :meth:`astep` and persist the returned state themselves.
 
+    Summaries off the critical path (``background_summary=True``, opt-in):
+        By default the turn that compacts waits for the summarizer. With
+        ``background_summary=True`` the window starts summarizing, in a worker thread (sync
+        calls) or an asyncio task (async calls), once the prompt passes the pre-compaction
+        mark (``precompact`` times the high-water mark), the messages the next compaction will
+        drop. The compaction uses that summary if it is ready; if not, the messages that left
+        stay pending and are sent verbatim while the budget allows, and a turn waits (at most
+        ``summary_wait`` seconds) only when the budget leaves no other choice. A ready summary
+        is applied when the prompt passes the high-water mark, so the prompt prefix still
+        changes once per compaction. Nothing is lost: a failed background summary is logged
+        and retried on a later turn. With ``step(..., store=, session_id=)`` only one worker
+        summarizes a session at a time (the store's lease) and results are written back with
+        compare-and-swap, so a slow summary never overwrites a newer one. Call
+        :meth:`close` / :meth:`aclose` (or use the window as a context manager) to stop
+        background work; threads are also wound down at interpreter exit.
+
+        ```python
+        with ContextWindow(model="deepseek-v3.2", max_tokens=6000, summarizer=cheap,
+                           background_summary=True) as window:
+            chain = window | llm
+            ...
+        ```
+
     Attributes:
         model: Model name or chat model: picks the tokenizer and the context window.
         max_tokens: The whole budget (prompt plus response reserve); ``None`` = the model's
@@ -199,8 +271,21 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         max_message_tokens: With ``truncate_long_messages``, the most one AI message or tool
             result may count; default a quarter of the prompt limit.
         summary_timeout: Seconds a summarizer call may take before it counts as failed.
+        summary_mode: ``"cache_aligned"``: ask for the summary by resending the prompt last
+            sent plus a request (served from the provider's prompt cache); ``"isolated"``: a
+            prompt of its own with the conversation as delimited data; ``"auto"`` (default):
+            cache-aligned when the summarizer's model name equals the window's model. See
+            ``langchain_holysheep.summarize``.
         max_conversations: Conversations the invoke path remembers (least recently used
             are forgotten first).
+        background_summary: Summarize ahead of compactions in the background (see above);
+            ``False`` (the default) runs the summarizer inline on the compacting turn.
+        precompact: With ``background_summary``, the fraction of the high-water mark at which
+            the background summary starts.
+        summary_wait: With ``background_summary``, the most seconds a turn waits for a
+            background summary when the budget cannot hold the pending messages;
+            ``None`` = ``summary_timeout``.
+        background_workers: With ``background_summary``, threads summarizing at once.
         counter: The token counter (default: one for ``model``).
         budget: The budget (default: ``ContextBudget.for_model(model, max_tokens)``).
     """
@@ -216,7 +301,12 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
     truncate_long_messages: bool = False
     max_message_tokens: int | None = None
     summary_timeout: float | None = 60.0
+    summary_mode: SummaryMode = "auto"
     max_conversations: int = 1024
+    background_summary: bool = False
+    precompact: float = DEFAULT_PRECOMPACT
+    summary_wait: float | None = None
+    background_workers: int = 4
     # None until model_post_init builds them from `model` and `max_tokens`.
     counter: TokenCounter = Field(default=None)  # type: ignore[assignment]
     budget: ContextBudget = Field(default=None)  # type: ignore[assignment]
@@ -237,6 +327,13 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             )
         if self.window_size is not None and self.window_size < 1:
             raise ValueError(f"window_size must be at least 1, got {self.window_size}")
+        if not 0.0 < self.precompact <= 1.0:
+            raise ValueError(
+                f"precompact is a fraction of the high-water mark: need 0 < precompact <= 1, "
+                f"got {self.precompact}"
+            )
+        if self.summary_wait is not None and self.summary_wait < 0:
+            raise ValueError(f"summary_wait must be >= 0 seconds, got {self.summary_wait}")
         if self.counter is None:
             self.counter = TokenCounter(self.model)
         if self.budget is None:
@@ -244,8 +341,22 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         self._rt.model_name = self.counter.model or self.budget.model
         if self.summarizer is not None:
             self._rt.summary = RunningSummarizer(
-                self.summarizer, count_text=self.counter.count_text, timeout=self.summary_timeout
+                self.summarizer,
+                count_text=self.counter.count_text,
+                timeout=self.summary_timeout,
+                mode=self.summary_mode,
+                chat_model=self._rt.model_name,
             )
+            if self.background_summary:
+                ttl = max(DEFAULT_LEASE_TTL, 2 * (self.summary_timeout or 0.0))
+                self._rt.background = BackgroundSummaries(
+                    self._fold,
+                    self._afold,
+                    self._bounded_summary,
+                    max_workers=self.background_workers,
+                    max_jobs=4 * self.max_conversations,
+                    lease_ttl=ttl,
+                )
         self._rt.frame_tokens = self.counter.count_message(recap_message("", 0))
         if self.summarizer is not None:
             room = self.budget.allocate(1 << 30).summary - self._rt.frame_tokens
@@ -293,12 +404,28 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         state: WindowState,
         limits: WindowLimits,
         previous_prompt: Sequence[BaseMessage] | None,
-    ) -> Generator[FoldRequest, _Outcome, ContextPlan]:
+        store: MessageStore | None = None,
+        session_id: str | None = None,
+    ) -> Generator[_Command, Any, ContextPlan]:
         rt = self._rt
         summarize = rt.summary is not None
         layout = layout_turn(
             index, state, limits, system_tokens=sum(system_counts), summarize=summarize
         )
+        if summarize and rt.background is not None and not rt.background.closed:
+            return (
+                yield from self._background_turn(
+                    layout,
+                    index,
+                    system,
+                    system_counts,
+                    state,
+                    limits,
+                    previous_prompt,
+                    store,
+                    session_id,
+                )
+            )
         new_summary: tuple[str, int, int] | None = None
         failed = False
         if summarize and layout.fold_positions:
@@ -308,6 +435,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 counts=[index.count(p) for p in layout.fold_positions],
                 max_tokens=limits.summary - rt.frame_tokens,
                 through=layout.new_start,
+                prompt=previous_prompt,
             )
             outcome = yield request
             if isinstance(outcome, str):
@@ -356,6 +484,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 request.messages,
                 max_tokens=request.max_tokens,
                 counts=request.counts,
+                prompt=request.prompt,
             )
         except SummaryError as exc:
             return exc
@@ -369,25 +498,273 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 request.messages,
                 max_tokens=request.max_tokens,
                 counts=request.counts,
+                prompt=request.prompt,
             )
         except SummaryError as exc:
             return exc
 
-    def _drive(self, turn: Generator[FoldRequest, _Outcome, ContextPlan]) -> ContextPlan:
+    def _drive(self, turn: Generator[_Command, Any, ContextPlan]) -> ContextPlan:
+        background = self._rt.background
         try:
-            request = next(turn)
+            command = next(turn)
             while True:
-                request = turn.send(self._fold(request))
+                reply: _Outcome | None = None
+                if isinstance(command, FoldRequest):
+                    reply = self._fold(command)
+                elif isinstance(command, _StartJob):
+                    assert background is not None
+                    background.start_thread(command.job)
+                else:
+                    background.wait(command.job, command.timeout)  # type: ignore[union-attr]
+                command = turn.send(reply)
         except StopIteration as done:
             return cast("ContextPlan", done.value)
 
-    async def _adrive(self, turn: Generator[FoldRequest, _Outcome, ContextPlan]) -> ContextPlan:
+    async def _adrive(self, turn: Generator[_Command, Any, ContextPlan]) -> ContextPlan:
+        background = self._rt.background
         try:
-            request = next(turn)
+            command = next(turn)
             while True:
-                request = turn.send(await self._afold(request))
+                reply: _Outcome | None = None
+                if isinstance(command, FoldRequest):
+                    reply = await self._afold(command)
+                elif isinstance(command, _StartJob):
+                    assert background is not None
+                    background.start_task(command.job)
+                else:
+                    await BackgroundSummaries.await_job(command.job, command.timeout)
+                command = turn.send(reply)
         except StopIteration as done:
             return cast("ContextPlan", done.value)
+
+    # -- background summaries ------------------------------------------------------------------
+
+    def _background_turn(
+        self,
+        layout: TurnLayout,
+        index: ConversationIndex,
+        system: Sequence[BaseMessage],
+        system_counts: Sequence[int],
+        state: WindowState,
+        limits: WindowLimits,
+        previous_prompt: Sequence[BaseMessage] | None,
+        store: MessageStore | None,
+        session_id: str | None,
+    ) -> Generator[_Command, Any, ContextPlan]:
+        """Plan a turn with summaries written in the background (``background_summary``).
+
+        A ready summary is applied when the prompt passes the high-water mark or the pending
+        messages no longer fit; otherwise messages that left stay pending and go out verbatim,
+        so no turn waits for the summarizer while the budget allows. A turn waits (at most
+        ``summary_wait``) only when pending messages would not be sent.
+        """
+        rt = self._rt
+        background = rt.background
+        assert background is not None
+
+        def finish(lay: TurnLayout, new_summary: tuple[str, int, int] | None = None) -> ContextPlan:
+            return finish_turn(
+                lay,
+                index,
+                state,
+                limits,
+                system=system,
+                system_counts=system_counts,
+                summarize=True,
+                new_summary=new_summary,
+                shorten=self._shorten,
+                previous_prompt=previous_prompt,
+                price=rt.price,
+                model=rt.model_name,
+            )
+
+        premark = math.floor(limits.high_mark * self.precompact)
+        plan = finish(layout)
+        failure: BaseException | None = None
+        if layout.fold_positions:
+            if layout.new_start > state.window_start:
+                # While every message still fits, keep the window where it is: the prompt is
+                # the same, and the state (a store write) does not change every turn.
+                frozen = finish(replace(layout, new_start=state.window_start))
+                if not _unsent(frozen, index):
+                    plan = frozen
+            chain = background.chain(index, state.summary, state.summarized_through)
+            failure = chain.failure
+            if chain.text is not None and (
+                plan.tokens.total > limits.high_mark or _unsent(plan, index)
+            ):
+                plan = self._adopt(layout, chain, state, limits, finish, premark) or plan
+            if _unsent(plan, index):
+                job = chain.running
+                if job is None:
+                    after = plan.state
+                    job = self._new_job(
+                        index,
+                        after.summary,
+                        after.summarized_through,
+                        after.window_start,
+                        limits,
+                        store,
+                        session_id,
+                    )
+                    if job is not None:
+                        yield _StartJob(job)
+                if job is not None:
+                    yield _WaitJob(job, self._wait_seconds())
+                    chain = background.chain(index, state.summary, state.summarized_through)
+                    failure = chain.failure or failure
+                    if chain.text is not None and chain.through > plan.state.summarized_through:
+                        plan = self._adopt(layout, chain, state, limits, finish, premark) or plan
+                if _unsent(plan, index):
+                    plan = self._pending_unsent(plan, index, failure)
+                    failure = None
+            if plan.compacted and plan.state == state:
+                plan = replace(plan, compacted=False)  # the window start did not move
+
+        after = plan.state
+        if plan.tokens.total >= premark and not background.closed:
+            chain = background.chain(index, after.summary, after.summarized_through)
+            failure = failure or chain.failure
+            if chain.empty:
+                target = self._preview(index, after, limits, sum(system_counts), plan)
+                job = self._new_job(
+                    index,
+                    after.summary,
+                    after.summarized_through,
+                    target,
+                    limits,
+                    store,
+                    session_id,
+                )
+                if job is not None:
+                    yield _StartJob(job)
+        if failure is not None and not isinstance(failure, SummaryLeaseHeldError):
+            warnings.warn(
+                f"a background summary failed ({failure}); the previous summary is kept, the "
+                "messages it would have absorbed stay pending (sent verbatim while the budget "
+                "allows) and it is retried",
+                SummaryFailureWarning,
+                stacklevel=5,
+            )
+            plan = replace(plan, summary_failed=True)
+        return plan
+
+    def _adopt(
+        self,
+        layout: TurnLayout,
+        chain: SummaryChain,
+        state: WindowState,
+        limits: WindowLimits,
+        finish: _Finish,
+        premark: int,
+    ) -> ContextPlan | None:
+        """Return the plan that applies the chain's ready summary, or ``None`` if it cannot.
+
+        The compaction moves the window start to where the summary ends when that leaves
+        nothing pending and the prompt under the pre-compaction mark (or when the summary
+        reaches past the layout's start); otherwise the rest stays pending.
+        """
+        assert chain.text is not None
+        through = chain.through
+        if through > layout.turn_start or through <= state.summarized_through:
+            return None
+        summary = self._bounded_summary(chain.text, limits.summary, through)
+        if through >= layout.new_start:
+            return finish(replace(layout, new_start=through), summary)
+        if through >= state.window_start:
+            candidate = finish(replace(layout, new_start=through), summary)
+            if candidate.tokens.total <= premark:
+                return candidate
+        return finish(layout, summary)
+
+    def _new_job(
+        self,
+        index: ConversationIndex,
+        previous: str | None,
+        start: int,
+        target: int,
+        limits: WindowLimits,
+        store: MessageStore | None,
+        session_id: str | None,
+    ) -> SummaryJob | None:
+        """File a job folding the sendable messages ``[start, target)`` into ``previous``."""
+        background = self._rt.background
+        assert background is not None
+        if target <= start or start < index.offset or target > index.closed_end:
+            return None
+        skip = set(index.dropped_between(start, target))
+        positions = tuple(p for p in range(start, target) if p not in skip)
+        if not positions:
+            return None
+        messages = [index.message(p) for p in positions]
+        request = FoldRequest(
+            previous=previous,
+            messages=messages,
+            counts=[index.count(p) for p in positions],
+            max_tokens=limits.summary - self._rt.frame_tokens,
+            through=target,
+        )
+        job = SummaryJob(
+            key=anchor_key(previous, start, index.message(start)),
+            previous=previous,
+            start=start,
+            through=target,
+            positions=positions,
+            digest=messages_digest(messages),
+            request=request,
+            allowance=limits.summary,
+            store=store if session_id is not None else None,
+            session_id=session_id if store is not None else None,
+        )
+        return job if background.register(job) else None
+
+    def _preview(
+        self,
+        index: ConversationIndex,
+        state: WindowState,
+        limits: WindowLimits,
+        system_tokens: int,
+        plan: ContextPlan,
+    ) -> int:
+        """Return where the next compaction will likely move the window start.
+
+        The prompt still grows by about ``high_mark - total`` tokens before the compaction, so
+        the low-water target is lowered by that much: the messages summarized now are then
+        close to the ones the compaction lets go of.
+        """
+        gap = max(0, limits.high_mark - plan.tokens.total)
+        low = limits.low_water - gap / limits.prompt
+        low = min(max(low, 1 / limits.prompt), limits.high_water)
+        preview = layout_turn(
+            index,
+            state,
+            replace(limits, low_water=low),
+            system_tokens=system_tokens,
+            summarize=True,
+            force=True,
+        )
+        return preview.new_start
+
+    def _pending_unsent(
+        self, plan: ContextPlan, index: ConversationIndex, failure: BaseException | None
+    ) -> ContextPlan:
+        """Mark a plan that could not send every pending message (no summary in time)."""
+        state = plan.state
+        lo = min(index.first_cut_at_or_after(state.summarized_through), plan.turn_start)
+        unsent = index.sendable(lo, plan.start)
+        why = f"it failed ({failure})" if failure is not None else "it was not ready in time"
+        wait = self._wait_seconds()
+        waited = "" if wait is None else f" after waiting up to {wait:g} s"
+        note = (
+            f"{unsent} pending message(s) were not sent this turn: the background summary that "
+            f"absorbs them was needed{waited} and {why}; they stay pending and are summarized "
+            "on a later turn"
+        )
+        warnings.warn(note, SummaryFailureWarning, stacklevel=5)
+        return replace(plan, summary_failed=True, notes=(*plan.notes, note))
+
+    def _wait_seconds(self) -> float | None:
+        return self.summary_wait if self.summary_wait is not None else self.summary_timeout
 
     # -- step: the store-backed API --------------------------------------------------------------
 
@@ -400,7 +777,9 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         counts: Sequence[int] | None,
         reserved_tokens: int,
         previous: ContextPlan | None,
-    ) -> Generator[FoldRequest, _Outcome, ContextPlan]:
+        store: MessageStore | None = None,
+        session_id: str | None = None,
+    ) -> Generator[_Command, Any, ContextPlan]:
         if offset > state.load_from:
             raise ValueError(
                 f"tail starts at offset {offset} but the window state needs messages from "
@@ -415,7 +794,11 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         system_counts = [self.counter.count_message(m) for m in system_list]
         limits = self.limits(offset + len(messages), reserved_tokens)
         prev = list(previous.messages) if previous is not None else None
-        return (yield from self._turn(index, system_list, system_counts, state, limits, prev))
+        return (
+            yield from self._turn(
+                index, system_list, system_counts, state, limits, prev, store, session_id
+            )
+        )
 
     def step(
         self,
@@ -427,6 +810,8 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         counts: Sequence[int] | None = None,
         reserved_tokens: int = 0,
         previous: ContextPlan | None = None,
+        store: MessageStore | None = None,
+        session_id: str | None = None,
     ) -> ContextPlan:
         """Plan one model call from persisted state; run the summarizer if the window compacts.
 
@@ -438,6 +823,11 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             counts: Stored token counts of ``tail`` (counted when ``None``).
             reserved_tokens: Tokens sent besides the messages (tool schemas).
             previous: The previous call's plan, for an exact cached-token estimate.
+            store: With ``session_id`` and ``background_summary``: the shared store the
+                conversation lives in. Background summaries of the session then hold the
+                store's summarization lease (one worker at a time) and write their result
+                back with compare-and-swap when the window already let go of what they fold.
+            session_id: The session in ``store``.
 
         Returns:
             The plan; persist ``plan.state`` (compare-and-swap on ``state.version``) when it
@@ -447,7 +837,9 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             ContextOverflowError: The current turn cannot fit the budget.
         """
         return self._drive(
-            self._step_turn(system, tail, offset, state, counts, reserved_tokens, previous)
+            self._step_turn(
+                system, tail, offset, state, counts, reserved_tokens, previous, store, session_id
+            )
         )
 
     async def astep(
@@ -460,10 +852,14 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         counts: Sequence[int] | None = None,
         reserved_tokens: int = 0,
         previous: ContextPlan | None = None,
+        store: MessageStore | None = None,
+        session_id: str | None = None,
     ) -> ContextPlan:
         """Async twin of :meth:`step`: the summarizer is awaited, never blocking the loop."""
         return await self._adrive(
-            self._step_turn(system, tail, offset, state, counts, reserved_tokens, previous)
+            self._step_turn(
+                system, tail, offset, state, counts, reserved_tokens, previous, store, session_id
+            )
         )
 
     # -- the invoke path: per-conversation memory -------------------------------------------------
@@ -562,7 +958,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
 
     def _invoke_turn(
         self, entry: _Conversation, system: list[BaseMessage], conversation: Sequence[Any]
-    ) -> Generator[FoldRequest, _Outcome, ContextPlan]:
+    ) -> Generator[_Command, Any, ContextPlan]:
         self._sync_entry(entry, system, conversation)
         limits = self.limits(entry.length)
         plan = yield from self._turn(
@@ -645,6 +1041,53 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             _, conversation = self._split(messages)
             self._rt.conversations.pop(self._key(conversation, config), None)
 
+    # -- shutdown --------------------------------------------------------------------------------
+
+    @property
+    def background(self) -> BackgroundSummaries | None:
+        """The background summary jobs (``None`` unless ``background_summary`` and a summarizer)."""
+        return self._rt.background
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop background summaries: cancel queued ones and wait for running ones.
+
+        Afterwards the window keeps working with inline summaries. Does nothing without
+        ``background_summary``.
+
+        Args:
+            timeout: Most seconds to wait for a running summary; ``None`` waits until it ends
+                (at most about ``summary_timeout``).
+        """
+        if self._rt.background is not None:
+            self._rt.background.close(timeout)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Async :meth:`close`: cancels background tasks of this loop and awaits them."""
+        if self._rt.background is not None:
+            await self._rt.background.aclose(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
     # -- shortening ------------------------------------------------------------------------------
 
     def _shorten(self, message: BaseMessage, max_tokens: int) -> BaseMessage:
@@ -658,6 +1101,12 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         if len(self._rt.shortened) > 4096:
             self._rt.shortened.popitem(last=False)
         return shortened
+
+
+def _unsent(plan: ContextPlan, index: ConversationIndex) -> bool:
+    """Whether the plan leaves out messages that are not in its summary (pending ones)."""
+    lo = min(index.first_cut_at_or_after(plan.state.summarized_through), plan.turn_start)
+    return plan.start > lo and index.sendable(lo, plan.start) > 0
 
 
 def _text_of(content: str | list[Any]) -> str:

@@ -10,7 +10,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 from uuid import UUID
@@ -29,6 +29,8 @@ from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
 
 from langchain_holysheep.prompt_cache import cacheable_tokens, shared_prefix_tokens
 from langchain_holysheep.prompt_check import find_prompt_problems
+from langchain_holysheep.summarize import is_cache_aligned_request
+from langchain_holysheep.window import is_recap
 
 if TYPE_CHECKING:
     from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -254,11 +256,17 @@ class SummarizerCall:
             usage, counted otherwise).
         output_tokens: Tokens of the summary it returned.
         failed: ``True`` when the call raised.
+        cached_tokens: Of ``input_tokens``, those billed at the cached price: the prefix the
+            call repeats from a prompt sent just before (set by :func:`simulate`, which knows
+            the policy's previous prompt; 0 until then).
+        messages: The prompt sent, for that estimate.
     """
 
     input_tokens: int
     output_tokens: int
     failed: bool = False
+    cached_tokens: int = 0
+    messages: tuple[BaseMessage, ...] = field(default=(), repr=False, compare=False)
 
 
 class SummarizerMeter(BaseCallbackHandler):
@@ -270,7 +278,7 @@ class SummarizerMeter(BaseCallbackHandler):
     def __init__(self, counter: TokenCounting) -> None:
         self.counter = counter
         self.calls: list[SummarizerCall] = []
-        self._inputs: dict[UUID, int] = {}
+        self._inputs: dict[UUID, tuple[int, tuple[BaseMessage, ...]]] = {}
 
     def attach(self, model: BaseChatModel) -> BaseChatModel:
         """Return a copy of ``model`` that reports its calls to this meter."""
@@ -285,12 +293,13 @@ class SummarizerMeter(BaseCallbackHandler):
         run_id: UUID,
         **kwargs: Any,
     ) -> None:
-        """Count the summarizer's input."""
-        self._inputs[run_id] = sum(self.counter.count_messages(batch) for batch in messages)
+        """Count the summarizer's input and keep its prompt (for the cached-prefix estimate)."""
+        counted = sum(self.counter.count_messages(batch) for batch in messages)
+        self._inputs[run_id] = (counted, tuple(messages[0]) if messages else ())
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Record the call, with reported usage when the model gives it."""
-        counted_in = self._inputs.pop(run_id, 0)
+        counted_in, prompt = self._inputs.pop(run_id, (0, ()))
         out = 0
         reported_in: int | None = None
         for generations in response.generations:
@@ -302,7 +311,7 @@ class SummarizerMeter(BaseCallbackHandler):
                     out += int(usage.get("output_tokens", 0))
                 else:
                     out += self.counter.count_text(generation.text)
-        self.calls.append(SummarizerCall(reported_in or counted_in, out))
+        self.calls.append(SummarizerCall(reported_in or counted_in, out, messages=prompt))
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Record a failed call (not billed)."""
@@ -325,27 +334,37 @@ class FakeSummarizer(BaseChatModel):
     the input until ``max_words`` words. With ``max_words=0`` it is the *ideal* summarizer of
     the fidelity benchmark: it keeps exactly the facts. Every summary starts with
     ``[offline fake summary]`` so it cannot be mistaken for a real one.
+
+    It answers both summary requests of ``langchain_holysheep.summarize``: the isolated prompt
+    (notes from the transcript lines) and the cache-aligned one (the chat prompt plus a final
+    request; notes from the conversation messages, not from the system messages, the recap or
+    the request). Set ``model_name`` to the chat model it stands in for, so that a
+    ``ContextWindow`` in ``summary_mode="auto"`` treats it as that model (cache-aligned).
     """
 
     fact_pattern: str = PLANTED_FACT_PATTERN
     max_words: int = 120
+    model_name: str | None = None
 
     @property
     def _llm_type(self) -> str:
         return "holysheep-fake-summarizer"
 
-    def summarize_text(self, text: str, *, notes_from: str | None = None) -> str:
+    def summarize_text(self, text: str, *, notes_from: str | Sequence[str] | None = None) -> str:
         """Return the fake summary of ``text`` (what :meth:`invoke` answers).
 
         Args:
             text: Everything the summarizer was sent; facts are copied from all of it.
-            notes_from: The part to take first sentences from (default: ``text``).
+            notes_from: The part to take first sentences from (default: ``text``), or the
+                chunks (one per message) to take them from.
         """
         facts = list(dict.fromkeys(re.findall(self.fact_pattern, text)))
         notes: list[str] = []
         if self.max_words > 0:
             words = 0
-            for chunk in _message_chunks(text if notes_from is None else notes_from):
+            source = text if notes_from is None else notes_from
+            chunks = _message_chunks(source) if isinstance(source, str) else list(source)
+            for chunk in chunks:
                 # Facts are listed once above; a previous fake summary's labels are not notes.
                 chunk = _FAKE_LABELS.sub("", re.sub(self.fact_pattern, "", chunk)).strip()
                 sentence = _SENTENCE_END.split(chunk, maxsplit=1)[0].strip()
@@ -373,9 +392,18 @@ class FakeSummarizer(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         text = "\n".join(m.text for m in messages)
-        # Instructions come as system messages; notes are taken from the data only.
-        data = "\n".join(m.text for m in messages if not isinstance(m, SystemMessage))
-        summary = self.summarize_text(text, notes_from=data)
+        notes: str | list[str]
+        if is_cache_aligned_request(messages):
+            # The chat prompt plus the request: notes from the conversation's own messages.
+            notes = [
+                m.text
+                for m in messages[:-1]
+                if not isinstance(m, SystemMessage) and not is_recap(m) and m.text.strip()
+            ]
+        else:
+            # Instructions come as system messages; notes are taken from the data only.
+            notes = "\n".join(m.text for m in messages if not isinstance(m, SystemMessage))
+        summary = self.summarize_text(text, notes_from=notes)
         return ChatResult(generations=[ChatGeneration(message=AIMessage(summary))])
 
 
@@ -569,13 +597,18 @@ class ContextWindowPolicy(Policy):
         window: The ContextWindow. Its summarizer, if any, should be metered (see
             :meth:`from_settings`) for its calls to be priced.
         meter: The meter attached to the window's summarizer, if any.
+        name: The policy's name in results (default ``"ContextWindow"``), to compare settings.
     """
 
     name = "ContextWindow"
 
-    def __init__(self, window: ContextWindow, meter: SummarizerMeter | None = None) -> None:
+    def __init__(
+        self, window: ContextWindow, meter: SummarizerMeter | None = None, name: str | None = None
+    ) -> None:
         from langchain_holysheep.window import WindowState
 
+        if name is not None:
+            self.name = name
         self.window = window
         self.meter = meter
         self.state: WindowState = WindowState()
@@ -590,9 +623,14 @@ class ContextWindowPolicy(Policy):
         counter: TokenCounting,
         window_size: int | None = None,
         summarizer: BaseChatModel | None = None,
+        name: str | None = None,
         **window_kwargs: Any,
     ) -> ContextWindowPolicy:
-        """Build a ContextWindow whose summarizer calls are metered."""
+        """Build a ContextWindow whose summarizer calls are metered.
+
+        ``window_kwargs`` go to ``ContextWindow`` (e.g. ``summary_mode="isolated"``); ``name``
+        names the policy in the results.
+        """
         from langchain_holysheep.memory import ContextWindow
         from langchain_holysheep.tokens import TokenCounter
 
@@ -606,7 +644,7 @@ class ContextWindowPolicy(Policy):
             summarizer=meter.attach(summarizer) if meter and summarizer else None,
             **window_kwargs,
         )
-        return cls(window, meter)
+        return cls(window, meter, name)
 
     def prepare(self, conversation: Sequence[BaseMessage]) -> PolicyStep:
         """Plan the call with ``ContextWindow.step`` and keep the new state."""
@@ -723,6 +761,11 @@ class PolicyResult:
         return sum(len(c.summarizer_calls) for c in self.calls)
 
     @property
+    def summarizer_cached_tokens(self) -> int:
+        """Summarizer input tokens billed at the cached price."""
+        return sum(s.cached_tokens for c in self.calls for s in c.summarizer_calls)
+
+    @property
     def summarizer_tokens(self) -> int:
         """Summarizer input plus output tokens."""
         return sum(s.input_tokens + s.output_tokens for c in self.calls for s in c.summarizer_calls)
@@ -811,6 +854,7 @@ def simulate(
     price: ModelPrice | None,
     summarizer_price: ModelPrice | None = None,
     on_call: ProgressCallback | None = None,
+    summarizer_cache: bool = True,
 ) -> SimulationResult:
     """Replay a conversation through each policy, one model call at a time.
 
@@ -818,6 +862,10 @@ def simulate(
     (the prefix repeated from the same policy's previous prompt, rounded as a provider
     rounds it), the cost with cached input at the cached price and the answer as output, the
     prompt's validity, the summarizer calls made for it, and how many planted facts it holds.
+    A summarizer call is priced the same way: the prefix it repeats from the policy's previous
+    prompt (or from a summarizer prompt sent just before it) at the cached price, the rest at
+    the full price. A summary prompt of its own repeats nothing; a cache-aligned one
+    (``langchain_holysheep.summarize``) repeats the whole previous prompt.
 
     Args:
         replay: The conversation and its call points.
@@ -827,6 +875,8 @@ def simulate(
         price: Prices of ``model``; ``None`` leaves costs unknown.
         summarizer_price: Prices of the summarizer model; defaults to ``price``.
         on_call: Called as ``on_call(policy_name, calls_done, calls_total)`` after each call.
+        summarizer_cache: Whether the summarizer shares the chat model's prompt cache (it does
+            when it is the same model); ``False`` bills all of its input at the full price.
 
     Returns:
         One result per policy, in the order given.
@@ -843,6 +893,11 @@ def simulate(
             conversation = messages[:point]
             step = policy.prepare(conversation)
             prompt = step.messages
+            summarizer_calls = (
+                _cache_priced(step.summarizer_calls, previous, counter)
+                if summarizer_cache
+                else step.summarizer_calls
+            )
             counts = [counter.count_message(m) for m in prompt]
             prompt_tokens = counter.count_messages(prompt)
             repeated = shared_prefix_tokens(previous, prompt, counts)
@@ -850,7 +905,7 @@ def simulate(
             output = counter.count_message(messages[point]) if point < len(messages) else 0
             planted = [text for index, text in replay.facts if index < point]
             present = _facts_in(prompt, planted) if planted else 0
-            summ_cost = _summarizer_cost(step.summarizer_calls, summarizer_price)
+            summ_cost = _summarizer_cost(summarizer_calls, summarizer_price)
             records.append(
                 CallRecord(
                     call=k,
@@ -862,7 +917,7 @@ def simulate(
                     output_tokens=output,
                     cost=call_cost(price, prompt_tokens, cached, output),
                     problems=tuple(find_prompt_problems(prompt)),
-                    summarizer_calls=tuple(step.summarizer_calls),
+                    summarizer_calls=tuple(summarizer_calls),
                     summarizer_cost=summ_cost,
                     facts_planted=len(planted),
                     facts_present=present,
@@ -875,12 +930,37 @@ def simulate(
     return SimulationResult(replay=replay, model=model, policies=results)
 
 
+def _cache_priced(
+    calls: Sequence[SummarizerCall], previous: Sequence[BaseMessage], counter: TokenCounting
+) -> list[SummarizerCall]:
+    """Set each summarizer call's cached tokens: the prefix it repeats from a prompt just sent.
+
+    The provider has just seen the policy's previous prompt and any summarizer prompt sent
+    before this one in the same step; a call is credited with its longest repeated prefix,
+    rounded as for the chat prompts. A summary prompt of its own repeats none of them.
+    """
+    sent: list[Sequence[BaseMessage]] = [previous]
+    priced: list[SummarizerCall] = []
+    for call in calls:
+        if call.failed or not call.messages:
+            priced.append(call)
+            continue
+        counts = [counter.count_message(m) for m in call.messages]
+        repeated = max(shared_prefix_tokens(p, call.messages, counts) for p in sent)
+        cached = min(cacheable_tokens(repeated), call.input_tokens)
+        priced.append(replace(call, cached_tokens=cached))
+        sent.append(call.messages)
+    return priced
+
+
 def _summarizer_cost(calls: Sequence[SummarizerCall], price: ModelPrice | None) -> float | None:
     if not calls:
         return 0.0
     if price is None:
         return None
-    return sum(call_cost(price, c.input_tokens, 0, c.output_tokens) or 0.0 for c in calls)
+    return sum(
+        call_cost(price, c.input_tokens, c.cached_tokens, c.output_tokens) or 0.0 for c in calls
+    )
 
 
 def _facts_in(prompt: Sequence[BaseMessage], facts: Sequence[str]) -> int:

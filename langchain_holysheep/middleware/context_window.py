@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
-from langchain_core.messages import AnyMessage, BaseMessage, SystemMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, SystemMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from typing_extensions import NotRequired
 
@@ -130,7 +130,12 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
     * keeps the current turn (the newest user message and the tool calls and results after
       it) verbatim and never separates a tool call from its results, so each model call of a
       tool loop gets a valid prompt;
-    * compacts in steps (prompt-cache friendly) instead of on every call.
+    * compacts in steps (prompt-cache friendly) instead of on every call;
+    * learns the model's real tokenizer: after each call, the answer's reported
+      ``usage_metadata.input_tokens`` is compared with the plan's counted total and
+      calibrates ``window.counter`` (``TokenCounter.observe_response``), whose factor the
+      budget divides its limits by. The factor lives in the counter (per model, in memory);
+      a restarted process learns it again from its first answer.
 
     Setup:
         ```bash
@@ -166,9 +171,11 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
 
     Limits:
         Tools that a ``response_format`` adds when the model is bound (structured output
-        through ``ToolStrategy``) are not counted. A middleware that deletes messages from the
-        state (such as ``SummarizationMiddleware``) invalidates the stored positions; the
-        window then starts afresh and logs a warning, so do not combine the two.
+        through ``ToolStrategy``) are not counted (calibration then folds them into the
+        factor, which keeps the real prompt within the budget). A middleware that deletes
+        messages from the state (such as ``SummarizationMiddleware``) invalidates the stored
+        positions; the window then starts afresh and logs a warning, so do not combine the
+        two.
 
     Raises:
         ContextOverflowError: From a model call whose current turn alone (the newest user
@@ -231,6 +238,7 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
         )
         self._planned(step.thread, plan)
         response = handler(self._planned_request(request, plan))
+        self._calibrate(plan, response)
         return self._with_state(response, plan, step.stored)
 
     async def awrap_model_call(
@@ -258,9 +266,21 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
         )
         self._planned(step.thread, plan)
         response = await handler(self._planned_request(request, plan))
+        self._calibrate(plan, response)
         return self._with_state(response, plan, step.stored)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _calibrate(self, plan: ContextPlan, response: Any) -> None:
+        """Calibrate the window's counter from the answer's reported prompt tokens.
+
+        The plan's total counts exactly what this call sent as input: the system prompt,
+        the recap, the messages, the reply priming and (with ``count_tools``) the tool
+        schemas, so it is compared like for like with ``usage_metadata.input_tokens``.
+        """
+        answer = _answer_of(response)
+        if answer is not None:
+            self.window.counter.observe_response(plan, answer)
 
     def _previous(self, thread: str | None) -> ContextPlan | None:
         if thread is None:
@@ -343,6 +363,19 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
                 self._tool_tokens[text] = tokens
             total += tokens
         return total
+
+
+def _answer_of(response: Any) -> AIMessage | None:
+    """The AI message of a model response (``ModelResponse``, extended, or a bare message)."""
+    if isinstance(response, AIMessage):
+        return response
+    inner = getattr(response, "model_response", None)  # ExtendedModelResponse
+    if inner is not None:
+        response = inner
+    for message in getattr(response, "result", None) or ():
+        if isinstance(message, AIMessage):
+            return message
+    return None
 
 
 def _thread_id() -> str | None:

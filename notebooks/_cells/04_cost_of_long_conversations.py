@@ -45,7 +45,9 @@ print(backend.describe())
 
 MODEL = "deepseek-v3.2"
 BUDGET = 6000  # ContextWindow's max_tokens: prompt + response reserve
-summarizer = FakeSummarizer() if backend.offline else ChatHolySheep(model=MODEL, temperature=0)
+summarizer = (
+    FakeSummarizer(model_name=MODEL) if backend.offline else ChatHolySheep(model=MODEL, temperature=0)
+)
 print(
     "Summaries:",
     "offline FakeSummarizer (not a model)" if backend.offline else f"{MODEL} via ChatHolySheep",

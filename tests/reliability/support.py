@@ -26,7 +26,7 @@ from langchain_holysheep.history import ManagedChatMessageHistory
 from langchain_holysheep.memory import ContextWindow
 from langchain_holysheep.prompt_check import find_prompt_problems
 from langchain_holysheep.stores import MessageStore, SessionRecord, SQLiteMessageStore
-from langchain_holysheep.summarize import SUMMARY_INSTRUCTIONS
+from langchain_holysheep.summarize import SUMMARY_INSTRUCTIONS, SUMMARY_REQUEST_MARKER
 from langchain_holysheep.testing import Reply
 
 SYSTEM_PROMPT = "You are Sheepdog, a terse support assistant. Never invent order data."
@@ -121,31 +121,41 @@ def tag_of(text: str) -> tuple[str, int] | None:
 
 
 def is_summary_request(body: Mapping[str, Any]) -> bool:
-    """Whether a chat request is the running summarizer's (its system prompt says so)."""
-    messages = body.get("messages") or []
-    if not messages or not isinstance(messages[0], dict):
+    """Whether a chat request is the running summarizer's, in either of its two modes.
+
+    Isolated: the summary instructions are its system message. Cache-aligned: the last chat
+    prompt resent, followed by a human message that starts with the summary-request marker.
+    """
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    if not messages:
         return False
-    first = messages[0]
-    return first.get("role") == "system" and str(first.get("content", "")).startswith(_SUMMARY_HEAD)
+    first, last = messages[0], messages[-1]
+    if first.get("role") == "system" and str(first.get("content", "")).startswith(_SUMMARY_HEAD):
+        return True
+    return last.get("role") == "user" and str(last.get("content", "")).startswith(
+        SUMMARY_REQUEST_MARKER
+    )
 
 
 def covers_summary(body: Mapping[str, Any]) -> str | None:
-    """A summarizer reply that states exactly which turns it covers, or ``None``.
+    """A summarizer reply that states which turns it covers, or ``None`` for a chat request.
 
-    It reads the turn tags of the previous summary and of the transcript it was sent, so the
-    summary a store ends up with says which prefix of the conversation it folds.
+    It reads the turn tags of everything the summarizer was shown (the previous summary, the
+    messages leaving the window and, in cache-aligned mode, the whole last prompt), so the
+    summary a store ends up with says which turns of the conversation it reflects.
     """
     if not is_summary_request(body):
         return None
-    data = str(body["messages"][-1].get("content", ""))
     turns: set[int] = set()
     session = "?"
-    for match in _COVERS.finditer(data):
-        session = match.group(1)
-        turns.update(range(int(match.group(2)), int(match.group(3)) + 1))
-    for match in _TAG.finditer(data):
-        session = match.group(1)
-        turns.add(int(match.group(2)))
+    for message in body["messages"]:
+        data = str(message.get("content", ""))
+        for match in _COVERS.finditer(data):
+            session = match.group(1)
+            turns.update(range(int(match.group(2)), int(match.group(3)) + 1))
+        for match in _TAG.finditer(data):
+            session = match.group(1)
+            turns.add(int(match.group(2)))
     if not turns:
         return "covers nothing"
     return f"covers {session} T{min(turns)}..T{max(turns)}"
@@ -288,18 +298,27 @@ def stored_tags(store: MessageStore, session: str) -> list[int | None]:
 
 
 def summary_problems(record: SessionRecord, tags: Sequence[int | None]) -> list[str]:
-    """Check that a ``covers`` summary folds exactly the prefix ``[0, summarized_through)``."""
+    """Check a ``covers`` summary against the transcript it summarizes.
+
+    The summary must cover at least the prefix ``[0, summarized_through)`` (a cache-aligned
+    summarizer may also reflect later messages, which stay in the window) and nothing that is
+    not in the transcript (for example a batch whose append was rolled back).
+    """
     if record.summary is None or record.summarized_through == 0:
         return []
     covered = covered_range(record.summary)
     if covered is None:
         return []  # not written by the covers summarizer: nothing to compare
-    prefix = {t for t in tags[: record.summarized_through] if t is not None}
-    expected = (min(prefix), max(prefix)) if prefix else None
-    if covered != expected:
+    prefix = [t for t in tags[: record.summarized_through] if t is not None]
+    stored = [t for t in tags if t is not None]
+    if not prefix:
+        return []
+    lo, hi = covered
+    if lo > min(prefix) or hi < max(prefix) or hi > max(stored):
         return [
-            f"{record.session_id}: summary says it covers turns {covered}, but "
-            f"summarized_through={record.summarized_through} means turns {expected}"
+            f"{record.session_id}: summary covers turns {covered}, but summarized_through="
+            f"{record.summarized_through} needs turns {min(prefix)}..{max(prefix)} and the "
+            f"transcript ends at turn {max(stored)}"
         ]
     return []
 

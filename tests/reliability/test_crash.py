@@ -131,7 +131,10 @@ def _run_and_kill(
             assert proc.is_alive(), f"the worker died first (exit code {proc.exitcode})"
             if ours.poll(0.02):
                 kind, value = ours.recv()
-                assert kind != "done", "the worker finished without reaching the crash point"
+                assert kind != "done", (
+                    f"the worker finished without reaching the crash point ({len(acked)} turns, "
+                    f"{relay.summaries} summaries)"
+                )
                 if kind == "ack":
                     acked.append(value)
                 else:

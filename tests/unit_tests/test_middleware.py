@@ -7,6 +7,7 @@ budget (tool schemas included), the newest user message verbatim, the current tu
 from __future__ import annotations
 
 import importlib
+import math
 import sqlite3
 import subprocess
 import sys
@@ -39,7 +40,12 @@ from langchain_holysheep.middleware import (
     window_state_from,
 )
 from langchain_holysheep.prompt_check import find_prompt_problems
-from langchain_holysheep.testing import HolySheepTestServer, Reply, ToolCallReply
+from langchain_holysheep.testing import (
+    HolySheepTestServer,
+    Reply,
+    ToolCallReply,
+    count_text_tokens,
+)
 from langchain_holysheep.tokens import TokenCounter
 from langchain_holysheep.window import ContextPlan
 from tests.unit_tests.middleware_harness import (
@@ -450,3 +456,83 @@ def test_current_turn_too_big_raises_context_overflow() -> None:
         agent.invoke({"messages": [HumanMessage("Show me the logs of ORD-1.")]}, thread("t11"))
     # The first call went out; the second (with the huge result) was refused, not cut.
     assert len(model.calls) == 1
+
+
+# -- calibration: the budget learns the provider's tokenizer -------------------------------
+
+
+def _scripted_replies(script: AgentScript, turns: int) -> list[Reply]:
+    calls = sum(len(t.rounds) + 1 for t in script.turns[:turns])
+    return [
+        Reply(
+            content=str(r.content),
+            tool_calls=[ToolCallReply(c["name"], c["args"], c["id"]) for c in r.tool_calls],
+        )
+        for r in script.responses()[:calls]
+    ]
+
+
+def _run_against_a_bigger_tokenizer(
+    script: AgentScript, turns: int, *, calibrate: bool
+) -> tuple[ContextWindow, list[ContextPlan], list[int]]:
+    """An agent on the loopback server, whose tokenizer makes 25 % more tokens than cl100k.
+
+    Returns the window, the plan of every model call and the input tokens the server counted.
+    """
+    with HolySheepTestServer(
+        count_tokens=lambda text: math.ceil(1.25 * count_text_tokens(text))
+    ) as server:
+        server.script(*_scripted_replies(script, turns))
+        plans: list[ContextPlan] = []
+        # high_water=1.0: the window fills up to its limit before compacting (the worst case).
+        window = ContextWindow(
+            model=MODEL, max_tokens=BUDGET, summarizer=RecapModel(), high_water=1.0
+        )
+        if not calibrate:
+            window.counter.observe_response = lambda plan, message: None  # type: ignore[method-assign]
+        agent = create_agent(
+            server.chat_model(MODEL, max_retries=0),
+            TOOLS,
+            system_prompt=SYSTEM_PROMPT,
+            middleware=[ContextWindowMiddleware(window=window, on_plan=plans.append)],
+            checkpointer=InMemorySaver(),
+        )
+        run_turns(agent, script, "cal", 0, turns)
+    values = agent.get_state(thread("cal")).values
+    reported = [m.usage_metadata["input_tokens"] for m in values["messages"] if m.type == "ai"]
+    assert len(reported) == len(plans) == len(server.chat_requests)
+    return window, plans, reported
+
+
+def _real_prompt_limit(window: ContextWindow) -> int:
+    allocation = window.budget.allocate(calibration=1.0)
+    return allocation.total - allocation.response
+
+
+@pytest.mark.parametrize("calibrate", [True, False], ids=["calibrated", "control"])
+def test_budget_learns_the_providers_tokenizer(script: AgentScript, calibrate: bool) -> None:
+    window, plans, reported = _run_against_a_bigger_tokenizer(script, 24, calibrate=calibrate)
+    real_limit = _real_prompt_limit(window)
+    if not calibrate:
+        # The cl100k estimate alone lets the real prompt outgrow the budget.
+        assert window.counter.calibration == 1.0
+        assert max(reported) > real_limit
+        return
+    counter = window.counter
+    # Like for like: each plan's total (system prompt, recap, messages, reply priming and the
+    # tool schemas) against what the server counted for that very call.
+    ratios = [r / p.tokens.total for r, p in zip(reported, plans, strict=True)]
+    assert counter.calibration_samples == len(plans)
+    assert 1.15 < counter.calibration < 1.4
+    assert min(ratios) <= counter.calibration <= max(ratios)
+    # The limits shrank by the factor, and every prompt the server counted fit the budget.
+    first_limit = plans[0].tokens.prompt_limit  # planned before any report
+    assert window.limits().prompt == math.floor(first_limit / counter.calibration)
+    assert plans[-1].tokens.prompt_limit < first_limit / 1.15
+    assert max(reported) <= real_limit
+
+
+def test_calibration_ignores_responses_without_usage(script: AgentScript) -> None:
+    run = Run(script, InMemorySaver())  # the scripted model reports no usage
+    run_turns(run.agent, script, "t10", 0, 3)
+    assert run.window.counter.calibration_samples == 0

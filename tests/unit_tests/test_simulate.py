@@ -15,6 +15,7 @@ from langchain_core.messages import (
     messages_to_dict,
 )
 
+from langchain_holysheep.prompt_cache import cacheable_tokens
 from langchain_holysheep.prompt_check import find_prompt_problems
 from langchain_holysheep.simulate import (
     ContextWindowPolicy,
@@ -34,8 +35,9 @@ from langchain_holysheep.simulate import (
     prompt_limit,
     simulate,
 )
+from langchain_holysheep.summarize import build_cache_aligned_prompt, build_summary_prompt
 from langchain_holysheep.tokens import TokenCounter
-from langchain_holysheep.window import ContextPlan
+from langchain_holysheep.window import ContextPlan, recap_message
 from langchain_holysheep.workload import synthetic_conversation
 
 
@@ -262,6 +264,96 @@ def test_meter_records_each_call_with_counted_tokens() -> None:
     )
 
 
+class AskEachCall(Policy):
+    """Sends everything; before each call after the first, asks its summarizer about the last
+    prompt, cache-aligned (the last prompt plus a request) or isolated (a prompt of its own)."""
+
+    def __init__(self, name: str, *, aligned: bool) -> None:
+        self.name = name
+        self.aligned = aligned
+        self.meter = SummarizerMeter(COUNTER)
+        self.model = self.meter.attach(FakeSummarizer(max_words=0))
+        self.last: list[BaseMessage] | None = None
+
+    def prepare(self, conversation: Sequence[BaseMessage]) -> PolicyStep:
+        before = len(self.meter.calls)
+        if self.last is not None:
+            fold = self.last[1:3]
+            request = (
+                build_cache_aligned_prompt(self.last, None, fold, max_tokens=50)
+                if self.aligned
+                else build_summary_prompt(None, fold, max_tokens=50)
+            )
+            assert request is not None
+            self.model.invoke(request)
+        self.last = list(conversation)
+        return PolicyStep(list(conversation), self.meter.calls[before:])
+
+
+def test_summarizer_input_is_priced_with_the_prefix_it_repeats(replay: Replay) -> None:
+    policies = [AskEachCall("aligned", aligned=True), AskEachCall("isolated", aligned=False)]
+    result = simulate(replay, policies, model="m", counter=COUNTER, price=PRICE)  # type: ignore[arg-type]
+    aligned, isolated = result["aligned"], result["isolated"]
+    for k, record in enumerate(aligned.calls):
+        if k == 0:
+            assert record.summarizer_calls == ()
+            continue
+        (call,) = record.summarizer_calls
+        last_prompt = replay.messages[: replay.call_points[k - 1]]
+        expected = cacheable_tokens(sum(COUNTER.count_message(m) for m in last_prompt))
+        assert call.cached_tokens == expected
+        assert call.input_tokens > expected
+        assert record.summarizer_cost == pytest.approx(
+            ((call.input_tokens - expected) * 1.0 + expected * 0.1 + call.output_tokens * 2.0) / 1e6
+        )
+    assert aligned.summarizer_cached_tokens > 0.8 * sum(
+        s.input_tokens for c in aligned.calls for s in c.summarizer_calls
+    )
+    # A summary prompt of its own repeats nothing the provider has seen.
+    assert isolated.summarizer_cached_tokens == 0
+    assert isolated.summarizer_calls == aligned.summarizer_calls
+    # Without a shared cache (another model) everything is billed in full.
+    unshared = simulate(
+        replay,
+        [AskEachCall("aligned", aligned=True)],
+        model="m",
+        counter=COUNTER,  # type: ignore[arg-type]
+        price=PRICE,  # type: ignore[arg-type]
+        summarizer_cache=False,
+    )["aligned"]
+    assert unshared.summarizer_cached_tokens == 0
+    assert (unshared.summarizer_cost or 0) > (aligned.summarizer_cost or 0)
+
+
+def test_fake_summarizer_answers_a_cache_aligned_request() -> None:
+    old_fact = "My order number is ORD-1 and my code word is AAA11."
+    new_fact = "My order number is ORD-2 and my code word is BBB22."
+    kept_fact = "My order number is ORD-3 and my code word is CCC33."
+    recap = recap_message(f"[offline fake summary]\nFacts: {old_fact}", 2)
+    prompt: list[BaseMessage] = [
+        SystemMessage("You are a support bot. Be brief."),
+        recap,
+        HumanMessage(f"{new_fact} Where is my parcel? It is late."),
+        AIMessage("It shipped on Monday. More details follow."),
+        HumanMessage(f"{kept_fact} Thanks."),
+    ]
+    request = build_cache_aligned_prompt(
+        prompt, f"[offline fake summary]\nFacts: {old_fact}", prompt[2:4], max_tokens=100
+    )
+    assert request is not None
+    text = FakeSummarizer(max_words=50).invoke(request).text
+    facts, notes = text.split("\nNotes: ")
+    # Facts from the previous recap and from the messages leaving (it may cover more).
+    for fact in (old_fact, new_fact, kept_fact):
+        assert fact in facts
+    assert facts.count("ORD-1") == 1
+    # Notes from the conversation's messages only: not the system prompt, the recap's frame or
+    # the request.
+    assert notes == "Where is my parcel? It shipped on Monday. Thanks."
+    ideal = FakeSummarizer(max_words=0).invoke(request).text
+    assert ideal == f"[offline fake summary]\nFacts: {old_fact} {new_fact} {kept_fact}"
+
+
 # ------------------------------------------------------------------ transcripts
 
 
@@ -410,6 +502,38 @@ def test_context_window_policy_valid_bounded_and_metered(
     assert result.cached_share > 0.5
 
 
+def test_context_window_summaries_served_from_the_cache_cost_less(
+    replay: Replay, token_counter: TokenCounter
+) -> None:
+    def policy(mode: str) -> ContextWindowPolicy:
+        return ContextWindowPolicy.from_settings(
+            model="deepseek-v3.2",
+            max_tokens=6000,
+            counter=token_counter,
+            summarizer=FakeSummarizer(max_words=0, model_name="deepseek-v3.2"),
+            summary_mode=mode,
+            name=mode,
+        )
+
+    price = Price(0.28, 0.028, 0.42)
+    result = simulate(
+        replay,
+        [policy("auto"), policy("isolated")],
+        model="deepseek-v3.2",
+        counter=token_counter,
+        price=price,  # type: ignore[arg-type]
+    )
+    aligned, isolated = result["auto"], result["isolated"]
+    assert aligned.summarizer_calls > 0
+    summarizer_input = sum(s.input_tokens for c in aligned.calls for s in c.summarizer_calls)
+    assert aligned.summarizer_cached_tokens > 0.7 * summarizer_input
+    assert isolated.summarizer_cached_tokens == 0
+    assert (aligned.summarizer_cost or 0) < 0.6 * (isolated.summarizer_cost or 0)
+    assert aligned.invalid_prompts == 0
+    for turn in (20, 30, 40):
+        assert aligned.fact_share_at(turn) == 1.0
+
+
 def test_context_window_policy_without_summarizer(
     replay: Replay, token_counter: TokenCounter
 ) -> None:
@@ -419,7 +543,9 @@ def test_context_window_policy_without_summarizer(
     result = simulate(replay, [policy], model="m", counter=token_counter, price=None).policies[0]
     assert result.summarizer_calls == 0
     assert result.invalid_prompts == 0
-    assert result.fact_share_at(40) < 1.0  # what leaves the window is gone
+    share = result.fact_share_at(40)
+    assert share is not None
+    assert share < 1.0  # what leaves the window is gone
 
 
 def test_plot_simulation_returns_a_figure_with_a_line_per_policy(replay: Replay) -> None:

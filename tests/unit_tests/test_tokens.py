@@ -476,6 +476,136 @@ def test_calibration_rejects_non_positive_counts(counter: TokenCounter) -> None:
         counter.calibration = 0.0
 
 
+# -- calibration from provider reports (observe_usage / observe_response) ----------------
+
+
+def _usage(input_tokens: Any) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "output_tokens": 5, "total_tokens": 5}
+
+
+def _reply(input_tokens: int, model: str | None = "deepseek-v3.2") -> AIMessage:
+    metadata = {"model_name": model} if model else {}
+    return AIMessage("ok", usage_metadata=_usage(input_tokens), response_metadata=metadata)
+
+
+def test_observe_usage_calibrates_from_reported_input_tokens(counter: TokenCounter) -> None:
+    assert counter.observe_usage(1000, _usage(1200)) == pytest.approx(1.2)
+    assert counter.observe_usage(1000, _usage(1100)) == pytest.approx(1.2 + 0.2 * (1.1 - 1.2))
+    assert counter.calibration_samples == 2
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [None, {}, _usage(None), _usage(0), _usage(-5), _usage(True), _usage("1200"), _usage(12.5)],
+    ids=["none", "empty", "missing", "zero", "negative", "bool", "text", "fraction"],
+)
+def test_observe_usage_ignores_absent_or_unusable_reports(
+    counter: TokenCounter, usage: dict[str, Any] | None
+) -> None:
+    assert counter.observe_usage(1000, usage) is None
+    assert (counter.calibration, counter.calibration_samples) == (1.0, 0)
+
+
+def test_observe_usage_ignores_implausible_ratios_and_tiny_prompts(counter: TokenCounter) -> None:
+    low, high = TokenCounter.CALIBRATION_RANGE
+    assert counter.observe_usage(1000, _usage(int(1000 * high) + 1)) is None  # another prompt
+    assert counter.observe_usage(1000, _usage(int(1000 * low) - 1)) is None
+    assert counter.observe_usage(TokenCounter.MIN_CALIBRATION_TOKENS - 1, _usage(20)) is None
+    assert counter.observe_usage(0, _usage(20)) is None
+    assert counter.calibration_samples == 0
+    # the edges of the range are accepted
+    assert counter.observe_usage(1000, _usage(int(1000 * high))) == pytest.approx(high)
+
+
+def test_observe_response_compares_with_the_whole_planned_prompt() -> None:
+    from langchain_holysheep.memory import ContextWindow
+
+    window = ContextWindow(model="claude-sonnet-4.5", max_tokens=4000)
+    conversation = [
+        SystemMessage("You are a support assistant."),
+        HumanMessage("Where is my parcel? " * 30),
+        AIMessage("It left the warehouse this morning. " * 10),
+        HumanMessage("And the refund for order 7?"),
+    ]
+    plan = window.step(
+        conversation[:1], conversation[1:], offset=0, state=_fresh(), reserved_tokens=40
+    )
+    counter = window.counter
+    # Like for like: tokens.total is every message sent, the reply priming and the reserved
+    # tokens (tool schemas), which the provider's input_tokens also includes.
+    assert plan.tokens.total == counter.count_messages(plan.messages) + 40
+    real = round(plan.tokens.total * 1.15)
+    assert counter.observe_response(plan, _reply(real, "claude-sonnet-4-5-20250929")) == (
+        pytest.approx(real / plan.tokens.total)
+    )
+    assert counter.observe_response(plan.tokens.total, _reply(real, None)) is not None
+
+
+def _fresh() -> Any:
+    from langchain_holysheep.window import WindowState
+
+    return WindowState()
+
+
+def test_observe_response_ignores_what_is_not_an_answer_to_this_model(
+    counter: TokenCounter,
+) -> None:
+    assert counter.observe_response(1000, HumanMessage("hi")) is None
+    assert counter.observe_response(1000, AIMessage("no usage")) is None
+    assert counter.observe_response(1000, None) is None
+    # a known, different model answered (a fallback): its tokenizer is not this counter's
+    assert counter.observe_response(1000, _reply(1200, "gpt-4.1-mini-2025-04-14")) is None
+    assert counter.calibration_samples == 0
+    # the model itself, or an alias the profiles do not know, is accepted
+    assert counter.observe_response(1000, _reply(1200, "DeepSeek-V3.2")) == pytest.approx(1.2)
+    assert counter.observe_response(1000, _reply(1200, "deepseek-chat")) is not None
+
+
+def test_restore_calibration_seeds_only_an_uncalibrated_counter(counter: TokenCounter) -> None:
+    assert counter.restore_calibration(None) is False
+    assert counter.restore_calibration(float("nan")) is False
+    assert counter.restore_calibration(-1.0) is False
+    assert counter.calibration_samples == 0
+    assert counter.restore_calibration(1.3) is True
+    assert (counter.calibration, counter.calibration_samples) == (1.3, 1)
+    # a restored factor is one sample: a new report moves it by alpha, not replaces it
+    assert counter.observe_usage(1000, _usage(1100)) == pytest.approx(1.3 + 0.2 * (1.1 - 1.3))
+    # a counter that has learned in this process keeps its own factor
+    assert counter.restore_calibration(2.0) is False
+    assert counter.calibration == pytest.approx(1.26)
+
+
+def test_calibration_against_the_loopback_server_shrinks_the_budget() -> None:
+    """A provider whose tokenizer makes ~25 % more tokens than cl100k: the factor converges
+    to the reported/counted ratio and the window's prompt limit shrinks by it."""
+    import math as _math
+
+    from langchain_holysheep.memory import ContextWindow
+    from langchain_holysheep.testing import HolySheepTestServer, count_text_tokens
+
+    window = ContextWindow(model="deepseek-v3.2", max_tokens=3000)
+    counter = window.counter
+    before = window.limits().prompt
+    with HolySheepTestServer(
+        count_tokens=lambda text: _math.ceil(1.25 * count_text_tokens(text))
+    ) as server:
+        llm = server.chat_model("deepseek-v3.2", max_retries=0)
+        conversation: list[BaseMessage] = [SystemMessage("You answer about parcels.")]
+        ratios: list[float] = []
+        for turn in range(6):
+            conversation.append(HumanMessage(f"turn {turn}: where is parcel {turn}? " * 8))
+            plan = window.plan(conversation)
+            answer = llm.invoke(plan.messages)
+            assert answer.usage_metadata is not None
+            ratios.append(answer.usage_metadata["input_tokens"] / plan.tokens.total)
+            assert counter.observe_response(plan, answer) is not None
+            conversation.append(answer)
+    assert 1.2 < min(ratios) <= max(ratios) < 1.4
+    assert counter.calibration_samples == 6
+    assert min(ratios) <= counter.calibration <= max(ratios)
+    assert window.limits().prompt == pytest.approx(before / counter.calibration, abs=1)
+
+
 # -- loading encodings offline ------------------------------------------------------------
 
 
