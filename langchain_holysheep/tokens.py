@@ -877,13 +877,19 @@ class TokenCounter:
 
     def _cache_key(self, message: BaseMessage) -> Hashable:
         content = message.content
-        tool_calls = len(message.tool_calls) if isinstance(message, AIMessage) else 0
         if message.id is not None:
-            if isinstance(content, str):
-                size: Hashable = len(content)
-            else:
-                size = (len(content), sum(_block_size(block) for block in content))
-            return (message.id, message.type, message.name, size, tool_calls)
+            # The id alone is not enough: a message may be edited, or an id reused, keeping
+            # its id. ``hash`` of a str is computed once per string object and then cached
+            # by Python, so a lookup stays O(1) for the message objects a caller keeps.
+            fingerprint: Hashable = (
+                hash(content) if isinstance(content, str) else hash(_dumps(content))
+            )
+            calls: Hashable = (
+                hash(_dumps(message.tool_calls))
+                if isinstance(message, AIMessage) and message.tool_calls
+                else 0
+            )
+            return (message.id, message.type, message.name, fingerprint, calls)
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{message.type}\x00{message.name}\x00".encode())
         if isinstance(content, str):
@@ -1031,17 +1037,6 @@ def _known_squashed() -> tuple[str, ...]:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
-
-
-def _block_size(block: Any) -> int:
-    if isinstance(block, str):
-        return len(block)
-    if isinstance(block, dict):
-        text = block.get("text")
-        if isinstance(text, str):
-            return len(text)
-        return len(block) + sum(len(v) for v in block.values() if isinstance(v, str))
-    return 1
 
 
 def _declared_size(block: dict[str, Any]) -> tuple[int, int] | None:

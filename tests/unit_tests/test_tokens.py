@@ -343,6 +343,19 @@ def test_same_id_with_changed_content_is_recounted(counter: TokenCounter) -> Non
     assert len(calls) == 2
 
 
+def test_same_id_and_length_with_other_text_is_recounted(counter: TokenCounter) -> None:
+    # Ids are chosen by callers and may repeat across sessions; equal length is no proof.
+    english = counter.count_message(HumanMessage("a" * 1200, id="msg-1"))
+    chinese = counter.count_message(HumanMessage("私" * 1200, id="msg-1"))
+    assert chinese == TokenCounter("deepseek-v3.2").count_message(HumanMessage("私" * 1200))
+    assert chinese != english
+    call = {"name": "t", "args": {"q": "x"}, "id": "c1"}
+    other = {"name": "t", "args": {"q": "a much longer argument"}, "id": "c1"}
+    first = counter.count_message(AIMessage("", tool_calls=[call], id="ai-1"))
+    second = counter.count_message(AIMessage("", tool_calls=[other], id="ai-1"))
+    assert second > first
+
+
 def test_messages_without_id_are_cached_by_content(counter: TokenCounter) -> None:
     calls = count_encoder_calls(counter)
     a = counter.count_message(HumanMessage("the same words"))
