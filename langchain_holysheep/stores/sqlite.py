@@ -213,6 +213,11 @@ class _SQLiteBackend:
             try:
                 try:
                     conn.execute("PRAGMA journal_mode = WAL")
+                    if self._schema_is_current(conn):
+                        # A read, so a new store opens while another process holds the
+                        # write lock; the write transaction below is for migrations only.
+                        self._is_setup = True
+                        return
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         conn.execute(_CREATE_VERSION_TABLE)
@@ -238,6 +243,13 @@ class _SQLiteBackend:
             finally:
                 conn.close()
             self._is_setup = True
+
+    @staticmethod
+    def _schema_is_current(conn: sqlite3.Connection) -> bool:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'holysheep_schema_version'"
+        ).fetchone()
+        return bool(exists) and int(conn.execute(_SELECT_VERSION).fetchone()[0]) == SCHEMA_VERSION
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
