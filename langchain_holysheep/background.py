@@ -52,8 +52,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_LEASE_TTL: Final = 120.0
 """Seconds a summarization lease lasts when the window's ``summary_timeout`` does not say."""
 
-EXIT_GRACE: Final = 10.0
-"""Seconds the interpreter-exit hook waits for running summaries before abandoning them."""
+EXIT_GRACE = 10.0
+"""Seconds the interpreter-exit hook waits, in all, for running summaries before abandoning
+them (their daemon threads stop with the interpreter; a store lease they held expires)."""
 
 _THREAD_PREFIX: Final = "holysheep-background-summary"
 
@@ -132,6 +133,7 @@ class SummaryJob:
         default_factory=concurrent.futures.Future
     )
     begun: bool = False
+    _checked: weakref.ref[ConversationIndex] | None = field(default=None, repr=False)
 
     def begin(self) -> bool:
         """Mark the job running, or settle it as cancelled; called once, by its runner."""
@@ -142,7 +144,12 @@ class SummaryJob:
         """Return whether the messages this job read are still at their positions."""
         if self.through > index.end or self.start < index.offset:
             return False
-        return messages_digest([index.message(p) for p in self.positions]) == self.digest
+        if self._checked is not None and self._checked() is index:
+            return True  # an index is append-only: what matched once still matches
+        if messages_digest([index.message(p) for p in self.positions]) != self.digest:
+            return False
+        self._checked = weakref.ref(index)
+        return True
 
     @property
     def result(self) -> tuple[str, int] | None:
@@ -185,9 +192,10 @@ _exit_registered = False
 
 def _close_all_at_exit() -> None:
     """Interpreter exit: cancel queued jobs and give running ones a short grace period."""
+    deadline = _now() + EXIT_GRACE
     for summaries in list(_LIVE):
         try:
-            summaries.close(timeout=EXIT_GRACE)
+            summaries.close(timeout=max(0.0, deadline - _now()))
         except Exception:  # pragma: no cover - best effort at exit
             logger.debug("closing background summaries at exit failed", exc_info=True)
 
@@ -254,6 +262,10 @@ class BackgroundSummaries:
         """Jobs started (for tests and benchmarks)."""
         self.written_back = 0
         """Results written to a store by the background job itself."""
+        self.waits = 0
+        """Turns that waited for a job because the budget left no other choice."""
+        self.waited_seconds = 0.0
+        """Their total wait."""
         _LIVE.add(self)
         _register_exit_hook()
 
@@ -483,20 +495,29 @@ class BackgroundSummaries:
 
     # -- waiting ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def wait(job: SummaryJob, timeout: float | None) -> bool:
-        """Block until ``job`` is done or ``timeout`` seconds pass; return whether it is done."""
+    def wait(self, job: SummaryJob, timeout: float | None) -> bool:
+        """Block until ``job`` is done or ``timeout`` seconds pass; return whether it is done.
+
+        A turn calls this only when the budget cannot hold the messages the job folds.
+        """
+        begin = time.monotonic()
         done, _ = concurrent.futures.wait([job.future], timeout=timeout)
+        self._waited(begin)
         return bool(done)
 
-    @staticmethod
-    async def await_job(job: SummaryJob, timeout: float | None) -> bool:
+    async def await_job(self, job: SummaryJob, timeout: float | None) -> bool:
         """Async :meth:`wait`: the event loop keeps running meanwhile."""
-        if job.future.done():
-            return True
-        # The wrapper is never cancelled here, so the job is not cancelled with it.
-        done, _ = await asyncio.wait([asyncio.wrap_future(job.future)], timeout=timeout)
-        return bool(done)
+        begin = time.monotonic()
+        if not job.future.done():
+            # The wrapper is never cancelled here, so the job is not cancelled with it.
+            await asyncio.wait([asyncio.wrap_future(job.future)], timeout=timeout)
+        self._waited(begin)
+        return job.future.done()
+
+    def _waited(self, begin: float) -> None:
+        with self._cond:
+            self.waits += 1
+            self.waited_seconds += time.monotonic() - begin
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every job filed so far is done; return whether all are.

@@ -235,6 +235,8 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
                 counts=[m.tokens for m in stored],
                 reserved_tokens=self.reserved_tokens,
                 previous=self.last_plan,
+                store=self.store,
+                session_id=self.session_id,
             )
             if plan.state == state or self._persist(plan.state, record.version):
                 return self._remember(plan, record, stored[-1].seq + 1)
@@ -262,6 +264,8 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
                 counts=[m.tokens for m in stored],
                 reserved_tokens=self.reserved_tokens,
                 previous=self.last_plan,
+                store=self.store,
+                session_id=self.session_id,
             )
             if plan.state == state or await self._apersist(plan.state, record.version):
                 return self._remember(plan, record, stored[-1].seq + 1)

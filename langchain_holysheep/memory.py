@@ -131,6 +131,39 @@ _Command = FoldRequest | _StartJob | _WaitJob
 _Finish = Callable[[TurnLayout, "tuple[str, int, int] | None"], ContextPlan]
 
 
+def _to_messages(items: Sequence[Any], first: int = 0) -> list[BaseMessage]:
+    """``convert_to_messages`` with errors that name the bad item instead of a bare KeyError.
+
+    ``first`` is the position of ``items[0]`` in the caller's list, for the error message.
+    """
+    if all(isinstance(item, BaseMessage) for item in items):
+        return list(items)
+    out: list[BaseMessage] = []
+    for position, item in enumerate(items, start=first):
+        if isinstance(item, BaseMessage):
+            out.append(item)
+            continue
+        try:
+            out.extend(convert_to_messages([item]))
+        except KeyError as exc:  # e.g. a tool message dict without its tool_call_id
+            raise ValueError(
+                f"message {position} ({_preview(item)}) lacks the field {exc.args[0]!r}; a "
+                "tool message needs the tool_call_id of the call it answers"
+                if exc.args and exc.args[0] == "tool_call_id"
+                else f"message {position} ({_preview(item)}) lacks the field {exc}"
+            ) from None
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            raise ValueError(
+                f"message {position} ({_preview(item)}) is not a message: {exc}"
+            ) from None
+    return out
+
+
+def _preview(item: Any) -> str:
+    text = repr(item)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @dataclass
 class _Conversation:
     """What the invoke path remembers about one conversation between calls."""
@@ -142,6 +175,7 @@ class _Conversation:
     system: list[BaseMessage] = field(default_factory=list)
     system_counts: list[int] = field(default_factory=list)
     previous_prompt: list[BaseMessage] | None = None
+    previous_total: int | None = None  # tokens the last plan counted, for calibration
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -532,7 +566,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                     assert background is not None
                     background.start_task(command.job)
                 else:
-                    await BackgroundSummaries.await_job(command.job, command.timeout)
+                    await background.await_job(command.job, command.timeout)  # type: ignore[union-attr]
                 command = turn.send(reply)
         except StopIteration as done:
             return cast("ContextPlan", done.value)
@@ -785,13 +819,13 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 f"tail starts at offset {offset} but the window state needs messages from "
                 f"{state.load_from}; pass conversation[state.load_from:]"
             )
-        messages = convert_to_messages(tail)
+        messages = _to_messages(tail, offset)
         if counts is None:
-            counts = [self.counter.count_message(m) for m in messages]
+            counts = self.counter.message_counts(messages)
         index = ConversationIndex(offset, message_cap=self._rt.message_cap)
         index.extend(messages, counts)
-        system_list = convert_to_messages(system)
-        system_counts = [self.counter.count_message(m) for m in system_list]
+        system_list = _to_messages(system)
+        system_counts = self.counter.message_counts(system_list)
         limits = self.limits(offset + len(messages), reserved_tokens)
         prev = list(previous.messages) if previous is not None else None
         return (
@@ -876,8 +910,8 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         else:
             raw = value if isinstance(value, (list, tuple, Sequence)) else list(value)
         system: list[BaseMessage] = []
-        for item in raw:
-            message = item if isinstance(item, BaseMessage) else convert_to_messages([item])[0]
+        for position, item in enumerate(raw):
+            message = item if isinstance(item, BaseMessage) else _to_messages([item], position)[0]
             if not isinstance(message, SystemMessage):
                 break
             system.append(message)
@@ -895,7 +929,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 "human message"
             )
         first = conversation[0]
-        message = first if isinstance(first, BaseMessage) else convert_to_messages([first])[0]
+        message = first if isinstance(first, BaseMessage) else _to_messages([first])[0]
         if message.id:
             return f"id:{message.id}"
         return f"hash:{_content_key(message)}"
@@ -943,9 +977,15 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             entry.state = WindowState()
             entry.length = 0
             entry.previous_prompt = None
-        new = convert_to_messages(conversation[entry.length :])
+            entry.previous_total = None
+        new = _to_messages(conversation[entry.length :], len(system) + entry.length)
         if new:
-            entry.index.extend(new, [self.counter.count_message(m) for m in new])
+            if entry.previous_total is not None:
+                # The first new message is the model's answer to the prompt planned last
+                # turn: its reported input tokens calibrate the counter (and so the budget).
+                self.counter.observe_response(entry.previous_total, new[0])
+                entry.previous_total = None
+            entry.index.extend(new, self.counter.message_counts(new))
         n = len(conversation)
         entry.length = n
         positions = {n - 1, *(n * k // _SAMPLES for k in range(_SAMPLES))}
@@ -971,6 +1011,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         )
         entry.state = plan.state
         entry.previous_prompt = plan.messages
+        entry.previous_total = plan.tokens.total
         return plan
 
     def plan(self, messages: WindowInput, config: RunnableConfig | None = None) -> ContextPlan:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
+import random
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,11 +51,11 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     real = BackgroundSummaries.wait
 
-    def wait(job: Any, timeout: float | None) -> bool:
+    def wait(self: BackgroundSummaries, job: Any, timeout: float | None) -> bool:
         seen.append(job.through)
-        return real(job, timeout)
+        return real(self, job, timeout)
 
-    monkeypatch.setattr(BackgroundSummaries, "wait", staticmethod(wait))
+    monkeypatch.setattr(BackgroundSummaries, "wait", wait)
     return seen
 
 
@@ -200,7 +206,7 @@ def test_close_cancels_queued_summaries_and_leaves_no_thread(conv: Any, quiet: N
     queued = [j for j in jobs if not j.future.running() and not j.future.done()]
     assert len(queued) == 1
     background.close(timeout=0)  # stop taking jobs; the queued one is cancelled
-    assert background.wait(queued[0], 5)
+    assert concurrent.futures.wait([queued[0].future], 5).done
     assert queued[0].future.cancelled()
     gated.gate.set()
     window.close()  # the running one finishes
@@ -323,3 +329,85 @@ def test_inline_mode_is_the_default() -> None:
 def test_bad_background_settings_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         make_window(GatedSummarizer(), **{field: value})
+
+
+@pytest.mark.parametrize(("max_tokens", "seed"), [(3000, 1), (6000, 2), (8000, 3)])
+def test_invariants_hold_whatever_the_timing(max_tokens: int, seed: int, quiet: None) -> None:
+    # Summaries finish at arbitrary points (a seeded choice of turns waits for them, the rest
+    # race the next turn) and the first one fails: every prompt is still valid and within the
+    # limit, every message is sent, summarized or pending, and none is summarized twice.
+    rng = random.Random(seed)
+    conversation = synthetic_conversation(TURNS, seed=seed)
+    gated = GatedSummarizer(fail_calls=1)
+    gated.gate.set()
+    window = make_window(gated, max_tokens=max_tokens)
+    background = window.background
+    assert background is not None
+    plan = None
+    for cp in conversation.call_points:
+        history = conversation.messages[:cp]
+        plan = window.plan(history)
+        check(plan, history)
+        partition = set(plan.kept_ids) | set(plan.summarized_ids) | set(plan.pending_ids)
+        assert partition == {m.id for m in history[1:]}
+        if rng.random() < 0.5:
+            background.drain(5)
+    window.close()
+    assert plan is not None
+    assert plan.state.summary is not None
+    for m in conversation.messages[1 : plan.state.summarized_through]:
+        if m.type == "human":
+            hits = [t for t in gated.transcripts if str(m.content)[:60] in t]
+            assert len(hits) == 1, f"message {m.id} summarized {len(hits)} times"
+
+
+EXIT_SCRIPT = """
+import atexit, logging, sys
+from langchain_holysheep import background
+from langchain_holysheep.workload import synthetic_conversation
+from tests.unit_tests.test_background_support import GatedSummarizer, make_window
+
+background.EXIT_GRACE = 0.2
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+jobs = []
+
+
+def report():  # registered first, so it runs after the window's exit hook
+    print("states", sorted(j.future._state for j in jobs), flush=True)
+
+
+atexit.register(report)
+gated = GatedSummarizer()  # never released: its job is still running at exit
+window = make_window(gated, background_workers=1, summary_wait=0)
+for n in (1, 2):  # the second conversation's job queues behind the first
+    conv = synthetic_conversation(80, seed=n)
+    for cp in conv.call_points:
+        window.plan(conv.messages[:cp], {"configurable": {"thread_id": str(n)}})
+        if window.background.started == n:
+            break
+assert gated.started.wait(5)
+jobs.extend(window.background._jobs.values())
+print("jobs", len(jobs), flush=True)
+"""
+
+
+def test_interpreter_exit_winds_background_threads_down(tmp_path: Any) -> None:
+    # The summarizer blocks for 30 s; the interpreter must still exit (after the short grace),
+    # cleanly, without waiting for it and without a traceback.
+    script = tmp_path / "exit_with_running_summary.py"
+    script.write_text(EXIT_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=25,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "jobs 2" in done.stdout
+    # At exit the queued job was cancelled; the running one was left to the daemon thread.
+    assert "states ['CANCELLED_AND_NOTIFIED', 'RUNNING']" in done.stdout
+    assert "Traceback" not in done.stderr

@@ -11,14 +11,19 @@ from typing import Any
 import pytest
 from langchain_core.messages import BaseMessage
 
-from langchain_holysheep import ContextPlan, ContextWindow
+from langchain_holysheep import ContextPlan, ContextWindow, ManagedChatMessageHistory
 from langchain_holysheep.background import SummaryLeaseHeldError
+from langchain_holysheep.prompt_check import find_prompt_problems
 from langchain_holysheep.stores import MessageStore, SQLiteMessageStore
 from langchain_holysheep.summarize import SummaryFailureWarning
 from langchain_holysheep.window import WindowState, recap_message
 from langchain_holysheep.workload import synthetic_conversation
 from tests.unit_tests.stores.conftest import postgres_server  # noqa: F401  (fixture)
-from tests.unit_tests.test_background_support import GatedSummarizer, make_window
+from tests.unit_tests.test_background_support import (
+    GatedSummarizer,
+    background_threads,
+    make_window,
+)
 
 conv = synthetic_conversation(80, seed=1)
 SYSTEM = conv.messages[:1]
@@ -59,35 +64,40 @@ def append(store: MessageStore, sid: str, window: ContextWindow, messages: list[
 
 
 def turn(window: ContextWindow, store: MessageStore, sid: str) -> ContextPlan:
-    """One model call as a store-backed app makes it: read, step, persist with CAS."""
-    record = store.get_session(sid)
-    state = WindowState(
-        summary=record.summary,
-        summary_tokens=record.summary_tokens,
-        summarized_through=record.summarized_through,
-        window_start=record.window_start,
-        version=record.version,
-    )
-    stored = store.read(sid, state.load_from)
-    plan = window.step(
-        SYSTEM,
-        [m.message for m in stored],
-        offset=state.load_from,
-        state=state,
-        counts=[m.tokens for m in stored],
-        store=store,
-        session_id=sid,
-    )
-    if plan.state != state:
-        assert store.update_session(
+    """One model call as a store-backed app makes it: read, step, persist with CAS.
+
+    A background summary may write the session between the read and the write; then, as
+    ManagedChatMessageHistory does, read again and plan again.
+    """
+    for _ in range(5):
+        record = store.get_session(sid)
+        state = WindowState(
+            summary=record.summary,
+            summary_tokens=record.summary_tokens,
+            summarized_through=record.summarized_through,
+            window_start=record.window_start,
+            version=record.version,
+        )
+        stored = store.read(sid, state.load_from)
+        plan = window.step(
+            SYSTEM,
+            [m.message for m in stored],
+            offset=state.load_from,
+            state=state,
+            counts=[m.tokens for m in stored],
+            store=store,
+            session_id=sid,
+        )
+        if plan.state == state or store.update_session(
             sid,
             expected_version=record.version,
             summary=plan.state.summary,
             summary_tokens=plan.state.summary_tokens,
             summarized_through=plan.state.summarized_through,
             window_start=plan.state.window_start,
-        )
-    return plan
+        ):
+            return plan
+    raise AssertionError("the session state kept changing under five plans")
 
 
 def test_one_window_summarizes_a_session_at_a_time(shared_store: MessageStore) -> None:
@@ -172,7 +182,10 @@ def test_a_background_result_is_written_back_with_cas(shared_store: MessageStore
         window.close()
 
 
-def test_a_slow_summary_never_overwrites_a_newer_one(shared_store: MessageStore) -> None:
+@pytest.mark.parametrize("covering", ["more", "the same"])
+def test_a_slow_summary_never_overwrites_a_newer_one(
+    shared_store: MessageStore, covering: str
+) -> None:
     store, sid = shared_store, "stale"
     gated = GatedSummarizer()
     window = make_window(gated, summary_wait=0)
@@ -183,12 +196,16 @@ def test_a_slow_summary_never_overwrites_a_newer_one(shared_store: MessageStore)
         turn(window, store, sid)
         assert background.started == 1
         record = store.get_session(sid)
-        # Another worker folds part of the pending messages into a newer summary first.
+        # Another worker writes a newer summary first: one that covers more messages, or one
+        # that covers the same ones (the job's start) with other text.
         through = next(
             i
             for i, m in enumerate(conv.messages[1:])
             if m.type == "human" and 0 < i <= record.window_start
         )
+        if covering == "the same":
+            through = job_start = next(iter(background._jobs.values())).start
+            assert job_start == record.summarized_through
         newer = "newer summary from another worker"
         assert store.update_session(
             sid,
@@ -217,3 +234,32 @@ def test_a_slow_summary_never_overwrites_a_newer_one(shared_store: MessageStore)
     finally:
         gated.gate.set()
         window.close()
+
+
+def test_managed_history_persists_background_summaries(shared_store: MessageStore) -> None:
+    store, sid = shared_store, "history"
+    gated = GatedSummarizer()
+    gated.gate.set()
+    window = make_window(gated)
+    background = window.background
+    assert background is not None
+    history = ManagedChatMessageHistory(sid, store, window)
+    appended = 1
+    with window:
+        for cp in conv.call_points:
+            history.add_messages(conv.messages[appended:cp])
+            appended = cp
+            sent = SYSTEM + history.messages
+            assert find_prompt_problems(sent) == []
+            plan = history.last_plan
+            assert plan is not None
+            assert plan.tokens.total <= plan.tokens.prompt_limit
+            assert not plan.dropped_ids
+            background.drain(5)
+    record = store.get_session(sid)
+    assert record.summary is not None
+    assert record.summary.startswith("Recap ")
+    assert record.summarized_through > 0
+    assert record.lease_owner is None
+    assert history.transcript == conv.messages[1:appended]  # nothing deleted
+    assert background_threads() == []

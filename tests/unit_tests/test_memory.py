@@ -381,3 +381,32 @@ def test_a_too_long_summary_is_bounded_to_the_allocation() -> None:
 def test_a_budget_too_small_for_summaries_warns_at_construction() -> None:
     with pytest.warns(SummaryFailureWarning, match="Raise max_tokens"):
         make_window(max_tokens=300, summarizer=Summarizer(transcripts=[]))
+
+
+def test_answers_with_reported_usage_calibrate_the_budget_on_the_invoke_path() -> None:
+    """In a chain the model's answer comes back as the next turn's newest AI message; its
+    reported input tokens (here 30 % above the count) teach the counter the real tokenizer."""
+    window = make_window(max_tokens=6000)
+    history: list[BaseMessage] = [HumanMessage("What is the status of order ORD-1042? " * 20)]
+    limit_before = window.limits(len(history)).prompt
+    for turn in range(4):
+        plan = window.plan(history)
+        reported = round(plan.tokens.total * 1.3)
+        answer = AIMessage(
+            f"Order ORD-1042 ships tomorrow (answer {turn}).",
+            usage_metadata={
+                "input_tokens": reported,
+                "output_tokens": 12,
+                "total_tokens": reported + 12,
+            },
+        )
+        history += [answer, HumanMessage(f"Thanks; and question {turn}?")]
+    window.plan(history)
+    assert window.counter.calibration == pytest.approx(1.3, rel=0.02)
+    assert window.limits(len(history)).prompt < limit_before / 1.25
+
+
+def test_a_message_dict_without_its_tool_call_id_is_a_clear_error() -> None:
+    window = make_window()
+    with pytest.raises(ValueError, match="message 2 .* lacks the field 'tool_call_id'"):
+        window.invoke([("system", "s"), ("human", "hi"), {"role": "tool", "content": "42"}])
