@@ -47,9 +47,11 @@ bench: $(VENV)/.test-$(HASH)
 	$(BIN)/python benchmarks/bench_cost.py
 	$(BIN)/python benchmarks/bench_agent.py
 	$(BIN)/python benchmarks/bench_stores.py
+	$(BIN)/python benchmarks/bench_background.py
 
 soak: $(VENV)/.test-$(HASH)
-	HOLYSHEEP_SOAK=1 $(BIN)/python -m pytest tests/reliability -m soak $(PYTEST_ARGS)
+	HOLYSHEEP_SOAK=1 $(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist demo-output

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from tests.postgres_server import (
+    REQUIRE_ENV,
+    PostgresServer,
+    throwaway_postgres,
+    unavailable_reason,
+)
 
 _SCRUBBED = (
     "HOLYSHEEP_API_KEY",
@@ -42,3 +50,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             f"{item.nodeid} needs PostgreSQL but was skipped ({reason}); "
             "HOLYSHEEP_REQUIRE_POSTGRES=1 forbids that skip"
         )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole run; skip (or fail under CI) if impossible."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 but PostgreSQL cannot be started: {reason}")
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    with throwaway_postgres() as server:
+        yield server

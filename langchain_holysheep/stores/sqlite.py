@@ -155,6 +155,30 @@ def _record(session_id: str, row: tuple[Any, ...] | None) -> SessionRecord:
     return SessionRecord(session_id, *row)
 
 
+_WRITE_GATES: dict[str, threading.Lock] = {}
+_WRITE_GATES_LOCK = threading.Lock()
+
+
+def _write_gate(path: Path) -> threading.Lock:
+    """The process-wide lock that orders this process's writers to one database file."""
+    key = os.path.realpath(path)
+    with _WRITE_GATES_LOCK:
+        gate = _WRITE_GATES.get(key)
+        if gate is None:
+            gate = _WRITE_GATES[key] = threading.Lock()
+        return gate
+
+
+def _reset_write_gates() -> None:
+    # A child process must not inherit a gate some thread of its parent held at fork time.
+    global _WRITE_GATES_LOCK
+    _WRITE_GATES.clear()
+    _WRITE_GATES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_write_gates)
+
+
 class _SQLiteBackend:
     """Connections to one database file: one per thread, shared by every namespace."""
 
@@ -259,20 +283,32 @@ class _SQLiteBackend:
         instead of failing on a read-to-write upgrade; it is what totally orders appends.
         """
         conn = self.connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
+        # Threads of this process queue in order on a lock of their own; SQLite's busy
+        # handler alone lets whichever thread retries first win, and under many writer
+        # threads an unlucky one starves until its timeout.
+        gate = _write_gate(self.path)
+        if not gate.acquire(timeout=self.timeout):
             raise StoreError(
-                f"could not start a write on {str(self.path)!r} within {self.timeout} s: {exc}. "
-                "Another process holds the database; raise timeout= or retry."
-            ) from exc
+                f"could not start a write on {str(self.path)!r} within {self.timeout} s: other "
+                "threads of this process kept writing; raise timeout= or retry."
+            )
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # also when COMMIT itself failed: leave no open transaction
-                conn.execute("ROLLBACK")
-            raise
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(
+                    f"could not start a write on {str(self.path)!r} within {self.timeout} s: "
+                    f"{exc}. Another process holds the database; raise timeout= or retry."
+                ) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # also when COMMIT itself failed: no open transaction
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            gate.release()
 
     def close(self) -> None:
         with self._lock:

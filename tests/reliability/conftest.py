@@ -15,10 +15,7 @@ import pytest
 
 from langchain_holysheep.testing import HolySheepTestServer
 from tests.postgres_server import (
-    REQUIRE_ENV,
     PostgresServer,
-    throwaway_postgres,
-    unavailable_reason,
 )
 from tests.reliability.support import StoreSpec
 
@@ -51,15 +48,9 @@ def server() -> Iterator[HolySheepTestServer]:
 
 
 @pytest.fixture(scope="session")
-def reliability_postgres() -> Iterator[PostgresServer]:
-    """One throwaway PostgreSQL server for the reliability suite (skipped if impossible)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but PostgreSQL cannot be started: {reason}")
-        pytest.skip(f"PostgreSQL tests skipped: {reason}")
-    with throwaway_postgres() as pg:
-        yield pg
+def reliability_postgres(postgres_server: PostgresServer) -> PostgresServer:
+    """The run's throwaway PostgreSQL server (see tests/conftest.py)."""
+    return postgres_server
 
 
 def _params() -> list[object]:

@@ -18,7 +18,6 @@ from langchain_holysheep.stores import MessageStore, SQLiteMessageStore
 from langchain_holysheep.summarize import SummaryFailureWarning
 from langchain_holysheep.window import WindowState, recap_message
 from langchain_holysheep.workload import synthetic_conversation
-from tests.unit_tests.stores.conftest import postgres_server  # noqa: F401  (fixture)
 from tests.unit_tests.test_background_support import (
     GatedSummarizer,
     background_threads,

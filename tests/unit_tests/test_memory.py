@@ -408,5 +408,5 @@ def test_answers_with_reported_usage_calibrate_the_budget_on_the_invoke_path() -
 
 def test_a_message_dict_without_its_tool_call_id_is_a_clear_error() -> None:
     window = make_window()
-    with pytest.raises(ValueError, match="message 2 .* lacks the field 'tool_call_id'"):
+    with pytest.raises(ValueError, match=r"message 2 .* lacks the field 'tool_call_id'"):
         window.invoke([("system", "s"), ("human", "hi"), {"role": "tool", "content": "42"}])

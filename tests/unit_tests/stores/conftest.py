@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,25 +13,10 @@ import pytest
 
 from langchain_holysheep.stores import InMemoryMessageStore, MessageStore, SQLiteMessageStore
 from tests.postgres_server import (
-    REQUIRE_ENV,
     PostgresServer,
-    throwaway_postgres,
-    unavailable_reason,
 )
 
 STORE_KINDS = ("memory", "sqlite", "postgres")
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server for the whole test session; skip (or fail under CI) if impossible."""
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but PostgreSQL cannot be started: {reason}")
-        pytest.skip(f"PostgreSQL tests skipped: {reason}")
-    with throwaway_postgres() as server:
-        yield server
 
 
 @dataclass
