@@ -45,7 +45,9 @@ print(backend.describe())
 
 llm = ChatHolySheep(model="deepseek-v3.2", temperature=0)
 summarizer = (
-    FakeSummarizer(model_name="deepseek-v3.2") if backend.offline else ChatHolySheep(model="deepseek-v3.2", temperature=0)
+    FakeSummarizer(model_name="deepseek-v3.2")
+    if backend.offline
+    else ChatHolySheep(model="deepseek-v3.2", temperature=0)
 )
 print(
     "Summaries:",

@@ -50,7 +50,9 @@ backend = connect()  # the relay if HOLYSHEEP_API_KEY is set, else the loopback 
 print(backend.describe())
 
 summarizer = (
-    FakeSummarizer(model_name="deepseek-v3.2") if backend.offline else ChatHolySheep(model="deepseek-v3.2", temperature=0)
+    FakeSummarizer(model_name="deepseek-v3.2")
+    if backend.offline
+    else ChatHolySheep(model="deepseek-v3.2", temperature=0)
 )
 print(
     "Summaries:",

@@ -46,7 +46,9 @@ print(backend.describe())
 MODEL = "deepseek-v3.2"
 BUDGET = 6000  # ContextWindow's max_tokens: prompt + response reserve
 summarizer = (
-    FakeSummarizer(model_name=MODEL) if backend.offline else ChatHolySheep(model=MODEL, temperature=0)
+    FakeSummarizer(model_name=MODEL)
+    if backend.offline
+    else ChatHolySheep(model=MODEL, temperature=0)
 )
 print(
     "Summaries:",
