@@ -28,16 +28,25 @@ def soak_enabled() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the soak tests unless HOLYSHEEP_SOAK=1, saying how to run them."""
+    """Leave the soak tests out unless HOLYSHEEP_SOAK=1 (``make soak`` sets it).
+
+    They are deselected rather than skipped: under CI a skipped PostgreSQL test is a failure,
+    and these are left out by design, not because PostgreSQL is missing.
+    """
     if soak_enabled():
         return
-    skip = pytest.mark.skip(
-        reason=f"soak test: full-size load/fault run, skipped unless {SOAK_ENV}=1 "
-        f"(run: {SOAK_ENV}=1 pytest tests/reliability -m soak)"
-    )
-    for item in items:
-        if item.get_closest_marker("soak") is not None:
-            item.add_marker(skip)
+    kept = [item for item in items if item.get_closest_marker("soak") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(
+            items=[item for item in items if item.get_closest_marker("soak") is not None]
+        )
+        items[:] = kept
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if soak_enabled():
+        return None
+    return f"soak tests deselected; run them with {SOAK_ENV}=1 (make soak)"
 
 
 @pytest.fixture

@@ -612,7 +612,9 @@ def test_calibration_against_the_loopback_server_shrinks_the_budget() -> None:
             assert answer.usage_metadata is not None
             ratios.append(answer.usage_metadata["input_tokens"] / plan.tokens.total)
             assert counter.observe_response(plan, answer) is not None
-            conversation.append(answer)
+            # Appended without its usage, so the window's own invoke-path calibration does not
+            # count the same answer a second time.
+            conversation.append(AIMessage(answer.content))
     assert 1.2 < min(ratios) <= max(ratios) < 1.4
     assert counter.calibration_samples == 6
     assert min(ratios) <= counter.calibration <= max(ratios)

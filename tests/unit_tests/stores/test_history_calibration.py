@@ -88,7 +88,9 @@ def test_uncalibrated_window_overshoots_the_real_budget(server: HolySheepTestSer
         answer = llm.invoke(window.invoke(conversation))
         assert answer.usage_metadata is not None
         reported.append(answer.usage_metadata["input_tokens"])
-        conversation.append(answer)
+        # Without its usage the answer teaches the window nothing (the invoke path would
+        # otherwise calibrate from it): this is the uncalibrated control.
+        conversation.append(AIMessage(answer.content))
     assert window.counter.calibration == 1.0
     assert max(reported) > _real_prompt_limit(window)
 
