@@ -55,12 +55,15 @@ def conversation(n_messages: int, turns: int) -> tuple[list[BaseMessage], list[i
                     for c in m.tool_calls
                 )
             )
+            # No input count: this replay does not know the prompt each answer came from,
+            # and a made-up one would calibrate the window's budget (an answer's reported
+            # input tokens teach the counter the provider's tokenizer).
             m = m.model_copy(
                 update={
                     "usage_metadata": {
-                        "input_tokens": 5000,
+                        "input_tokens": 0,
                         "output_tokens": out,
-                        "total_tokens": 5000 + out,
+                        "total_tokens": out,
                     },
                     "response_metadata": {"model_provider": "holysheep", "model_name": MODEL},
                 }

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from langchain_core.messages import BaseMessage, RemoveMessage, trim_messages
+from langchain_core.messages import AIMessage, BaseMessage, RemoveMessage, trim_messages
 from langchain_core.messages.utils import count_tokens_approximately
 
 from langchain_holysheep.memory import ContextWindow
@@ -89,6 +89,43 @@ class WindowInvoke(WindowPlan):
         return self.window.invoke(messages)
 
 
+class FloorUsage(Floor):
+    name = "floor, answers with usage"
+
+    def __init__(self) -> None:
+        self.counter = TokenCounter(MODEL, cache_size=0, use_provider_counts=True)
+
+
+class WindowPlanUsage(WindowPlan):
+    """The same window fed ChatHolySheep-like answers: they carry the provider's usage, so
+    only user input and tool results are tokenized (issue 9)."""
+
+    name = "ContextWindow.plan, answers w/ usage"
+
+
+USAGE_CONTENDERS = (FloorUsage.name, WindowPlanUsage.name)
+
+
+def with_usage(messages: list[BaseMessage], counter: TokenCounter) -> list[BaseMessage]:
+    """Copy the conversation, giving each plain AI answer the usage ChatHolySheep reports."""
+    out: list[BaseMessage] = []
+    for m in messages:
+        if isinstance(m, AIMessage) and not m.tool_calls and isinstance(m.content, str):
+            n = counter.count_text(m.content)
+            m = m.model_copy(
+                update={
+                    "usage_metadata": {
+                        "input_tokens": 0,
+                        "output_tokens": n,
+                        "total_tokens": n,
+                    },
+                    "response_metadata": {"model_name": MODEL},
+                }
+            )
+        out.append(m)
+    return out
+
+
 class Trim(Contender):
     def __init__(self, name: str, counter: Callable[..., int], limit: int) -> None:
         self.name = name
@@ -136,6 +173,7 @@ def timing(sizes: Sequence[int], calls: int, slow_calls: int) -> None:
     turns = longest // 2 + calls + 20
     convo = synthetic_conversation(turns, seed=0)
     messages = convo.messages
+    usage_messages = with_usage(messages, TokenCounter(MODEL, use_provider_counts=False))
     points = convo.call_points
     limit = ContextWindow(model=MODEL, max_tokens=BUDGET).limits().prompt
     tiktoken_counter = TokenCounter(MODEL, cache_size=0, use_provider_counts=False)
@@ -159,22 +197,27 @@ def timing(sizes: Sequence[int], calls: int, slow_calls: int) -> None:
             Trim("trim_messages (tiktoken)", tiktoken_counter, limit),
             Trim("trim_messages (approximate)", count_tokens_approximately, limit),
             Middleware(limit),
+            FloorUsage(),
+            WindowPlanUsage(),
         ]
         results: dict[str, list[float]] = {c.name: [] for c in contenders}
         # Warm every contender on the history up to the first timed call (not timed).
         for c in contenders:
-            c.prepare(messages[: points[start - 1]], 0)
+            source = usage_messages if c.name in USAGE_CONTENDERS else messages
+            c.prepare(source[: points[start - 1]], 0)
         previous = points[start - 1]
         gc.disable()
         try:
             for k, point in enumerate(window_points):
                 prefix = messages[:point]
+                usage_prefix = usage_messages[:point]
                 for c in contenders:
                     slow = c.name == "trim_messages (tiktoken)"
                     if slow and k >= slow_calls:
                         continue
+                    source = usage_prefix if c.name in USAGE_CONTENDERS else prefix
                     t0 = time.perf_counter()
-                    c.prepare(prefix, previous)
+                    c.prepare(source, previous)
                     results[c.name].append(time.perf_counter() - t0)
                 previous = point
         finally:
@@ -182,17 +225,27 @@ def timing(sizes: Sequence[int], calls: int, slow_calls: int) -> None:
         floor = statistics.median(results[Floor.name])
         plan = statistics.median(results[WindowPlan.name])
         invoke = statistics.median(results[WindowInvoke.name])
-        ours = (Floor.name, WindowPlan.name, WindowInvoke.name)
+        ours = (Floor.name, WindowPlan.name, WindowInvoke.name, *USAGE_CONTENDERS)
+        floor_usage = statistics.median(results[FloorUsage.name])
+        plan_usage = statistics.median(results[WindowPlanUsage.name])
         for c in contenders:
             xs = results[c.name]
             med = statistics.median(xs)
             vs_plan = "" if c.name in ours else f"{med / plan:.1f}x"
             vs_invoke = "" if c.name in ours else f"{med / invoke:.1f}x"
+            own_floor = floor_usage if c.name in USAGE_CONTENDERS else floor
             print(
                 f"{size:>8,}  {c.name:<34}{len(xs):>6}{med * 1e6:>11,.0f}"
-                f"{percentile(xs, 0.95) * 1e6:>11,.0f}{med / floor:>8.2f}x{vs_plan:>16}"
+                f"{percentile(xs, 0.95) * 1e6:>11,.0f}{med / own_floor:>8.2f}x{vs_plan:>16}"
                 f"{vs_invoke:>18}"
             )
+        approx = statistics.median(results["trim_messages (approximate)"])
+        tik = statistics.median(results["trim_messages (tiktoken)"])
+        print(
+            f"{'':>10}with answers carrying usage: plan {plan_usage * 1e6:,.0f} us = "
+            f"{plan_usage / floor_usage:.2f}x its floor; {approx / plan_usage:.0f}x faster than "
+            f"trim_messages (approximate), {tik / plan_usage:,.0f}x than trim_messages (tiktoken)"
+        )
         print()
 
 

@@ -130,6 +130,19 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
         return _EXECUTOR
 
 
+def _discard_executor(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    """Stop handing work to ``pool`` after a timed-out call.
+
+    A worker stuck in that call must not starve later summaries: the next call gets a fresh
+    pool, and the stuck thread ends on its own when the model call returns.
+    """
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is pool:
+            _EXECUTOR = None
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 class SummaryError(RuntimeError):
     """The summarizer failed: it raised, timed out, or answered with nothing."""
 
@@ -552,14 +565,15 @@ class RunningSummarizer:
         kwargs = self._kwargs(max_tokens)
         if self.timeout is None:
             return self.model.invoke(prompt, **kwargs)
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="holysheep-summary")
+        # A shared pool: starting a thread per call cost about 2 ms a compaction.
+        pool = _executor()
+        future = pool.submit(self.model.invoke, prompt, **kwargs)
         try:
-            future = pool.submit(self.model.invoke, prompt, **kwargs)
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
+            future.cancel()
+            _discard_executor(pool)
             raise SummaryError(f"the summarizer did not answer within {self.timeout:g} s") from None
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
 
     def summarize(
         self,

@@ -155,6 +155,17 @@ def test_a_timeout_is_a_failure_sync() -> None:
         summarizer.summarize(None, MESSAGES, max_tokens=100)
 
 
+def test_calls_stuck_past_their_deadline_do_not_starve_later_summaries() -> None:
+    # Sync calls run on a shared pool of 8 threads; 9 calls stuck after their timeout would
+    # occupy them all if a timed-out pool kept receiving work.
+    stuck = RunningSummarizer(SlowModel(responses=["late"], delay=2.0), timeout=0.02)
+    for _ in range(9):
+        with pytest.raises(SummaryError, match="within"):
+            stuck.summarize(None, MESSAGES, max_tokens=100)
+    quick = RunningSummarizer(FakeListChatModel(responses=["On time."]), timeout=1.0)
+    assert quick.summarize(None, MESSAGES, max_tokens=100) == "On time."
+
+
 async def test_async_shares_the_logic_and_fails_the_same_way() -> None:
     model = RecordingModel(responses=["Async summary."], prompts=[])
     summarizer = RunningSummarizer(model, timeout=None)
