@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import AIMessage, BaseMessage
 
-from langchain_holysheep.stores.base import MessageStore, SessionRecord, validate_key
+from langchain_holysheep.stores.base import MessageStore, SessionRecord, StoredMessage, validate_key
 from langchain_holysheep.window import ContextPlan, WindowState
 
 if TYPE_CHECKING:
@@ -227,17 +227,7 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
             stored = self.store.read(self.session_id, state.load_from)
             if not stored:
                 return []
-            plan = self.window.step(
-                [],
-                [m.message for m in stored],
-                offset=state.load_from,
-                state=state,
-                counts=[m.tokens for m in stored],
-                reserved_tokens=self.reserved_tokens,
-                previous=self.last_plan,
-                store=self.store,
-                session_id=self.session_id,
-            )
+            plan = self.window.step(**self._step_args(state, stored))
             if plan.state == state or self._persist(plan.state, record.version):
                 return self._remember(plan, record, stored[-1].seq + 1)
         return self._give_up(plan)
@@ -256,22 +246,26 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
             stored = await self.store.aread(self.session_id, state.load_from)
             if not stored:
                 return []
-            plan = await self.window.astep(
-                [],
-                [m.message for m in stored],
-                offset=state.load_from,
-                state=state,
-                counts=[m.tokens for m in stored],
-                reserved_tokens=self.reserved_tokens,
-                previous=self.last_plan,
-                store=self.store,
-                session_id=self.session_id,
-            )
+            plan = await self.window.astep(**self._step_args(state, stored))
             if plan.state == state or await self._apersist(plan.state, record.version):
                 return self._remember(plan, record, stored[-1].seq + 1)
         return self._give_up(plan)
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _step_args(self, state: WindowState, stored: Sequence[StoredMessage]) -> dict[str, Any]:
+        """What ``step`` and ``astep`` are called with, written once for both paths."""
+        return {
+            "system": [],
+            "tail": [m.message for m in stored],
+            "offset": state.load_from,
+            "state": state,
+            "counts": [m.tokens for m in stored],
+            "reserved_tokens": self.reserved_tokens,
+            "previous": self.last_plan,
+            "store": self.store,
+            "session_id": self.session_id,
+        }
 
     def _cached(self, record: SessionRecord) -> list[BaseMessage] | None:
         # Unchanged record and message count since the last plan: the same plan again
