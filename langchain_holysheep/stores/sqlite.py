@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 
 from langchain_core.messages import BaseMessage
 
+from langchain_holysheep.stores._fair_lock import FairLock
 from langchain_holysheep.stores.base import (
     DEFAULT_NAMESPACE,
     MessageStore,
@@ -155,17 +156,17 @@ def _record(session_id: str, row: tuple[Any, ...] | None) -> SessionRecord:
     return SessionRecord(session_id, *row)
 
 
-_WRITE_GATES: dict[str, threading.Lock] = {}
+_WRITE_GATES: dict[str, FairLock] = {}
 _WRITE_GATES_LOCK = threading.Lock()
 
 
-def _write_gate(path: Path) -> threading.Lock:
+def _write_gate(path: Path) -> FairLock:
     """The process-wide lock that orders this process's writers to one database file."""
     key = os.path.realpath(path)
     with _WRITE_GATES_LOCK:
         gate = _WRITE_GATES.get(key)
         if gate is None:
-            gate = _WRITE_GATES[key] = threading.Lock()
+            gate = _WRITE_GATES[key] = FairLock()
         return gate
 
 
@@ -283,7 +284,8 @@ class _SQLiteBackend:
         instead of failing on a read-to-write upgrade; it is what totally orders appends.
         """
         conn = self.connection()
-        # Threads of this process queue in order on a lock of their own; SQLite's busy
+        # Threads of this process queue first come, first served on a lock of their own
+        # (a FairLock: threading.Lock has no order either); SQLite's busy
         # handler alone lets whichever thread retries first win, and under many writer
         # threads an unlucky one starves until its timeout.
         gate = _write_gate(self.path)
