@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextvars
 import hashlib
 import itertools
 import logging
@@ -322,9 +323,11 @@ class BackgroundSummaries:
 
     def start_thread(self, job: SummaryJob) -> None:
         """Run ``job`` in a daemon thread (it waits while ``max_workers`` others run)."""
+        # The job runs in a copy of the caller's context, so callbacks registered through
+        # context variables (get_usage_callback, tracing) see the summarizer's calls.
         thread = threading.Thread(
-            target=self._thread_main,
-            args=(job,),
+            target=contextvars.copy_context().run,
+            args=(self._thread_main, job),
             name=f"{_THREAD_PREFIX}-{next(self._names)}",
             daemon=True,
         )

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
+import functools
 import json
 import re
 import threading
@@ -565,9 +567,12 @@ class RunningSummarizer:
         kwargs = self._kwargs(max_tokens)
         if self.timeout is None:
             return self.model.invoke(prompt, **kwargs)
-        # A shared pool: starting a thread per call cost about 2 ms a compaction.
+        # A shared pool: starting a thread per call cost about 2 ms a compaction. The call runs
+        # in a copy of the caller's context: callbacks registered through context variables
+        # (get_usage_callback and its spend limit, tracing parents) must see it.
         pool = _executor()
-        future = pool.submit(self.model.invoke, prompt, **kwargs)
+        call = functools.partial(self.model.invoke, prompt, **kwargs)
+        future = pool.submit(contextvars.copy_context().run, call)
         try:
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
