@@ -1025,8 +1025,12 @@ def _reported_input(usage: Mapping[str, Any] | None) -> int | None:
     return value
 
 
+@lru_cache(maxsize=256)
 def _squash(name: str) -> str:
-    """Lowercase letters and digits of a model name: ``claude-sonnet-4.5`` -> ``claudesonnet45``."""
+    """Lowercase letters and digits of a model name: ``claude-sonnet-4.5`` -> ``claudesonnet45``.
+
+    Cached: every answer's model name is squashed when it calibrates the counter, once a turn.
+    """
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
