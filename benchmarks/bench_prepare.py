@@ -22,8 +22,10 @@ answer is appended.
   window's 5,600-token prompt allowance. On this conversation 20 messages already count more
   than 5,600 tokens, so the default keep summarizes on every turn: an LLM call per turn.
 
-Printed: time of the first call at 10,000 messages (cold), then p50 / p95 / max per turn, the
-messages the layer still holds, and the turns on which it called the summarizer.
+The layers take turns: each turn is timed for every layer before the next one, so a noisy
+moment on the machine hits them all alike. Printed: time of the first call at 10,000 messages
+(cold), then p50 / p95 / max per turn, the messages the layer still holds, the turns on which
+it called the summarizer, and ContextWindow's ratios to the matched middleware.
 """
 
 from __future__ import annotations
@@ -95,80 +97,102 @@ def fake_summarizer() -> CountingFake:
     return CountingFake(messages=itertools.cycle([AIMessage(SUMMARY)]))
 
 
-Run = tuple[float, list[float], int, int]
-
-
 def percentiles(xs: Sequence[float]) -> tuple[float, float, float]:
     s = sorted(xs)
     return s[len(s) // 2], s[max(0, int(len(s) * 0.95) - 1)], s[-1]
 
 
-def run_window(
-    messages: list[BaseMessage],
-    points: list[int],
-    counter: TokenCounter,
-    method: str,
-    summary_timeout: float | None = 60.0,
-) -> Run:
-    summarizer = fake_summarizer()
-    window = ContextWindow(
-        model=MODEL,
-        max_tokens=8000,
-        summarizer=summarizer,
-        counter=counter,
-        summary_timeout=summary_timeout,
-    )
-    prepare = getattr(window, method)
-    start = time.perf_counter()
-    prepare(messages[: points[0]])
-    cold = time.perf_counter() - start
-    times = []
-    compactions = 0
-    for p in points[1:]:
-        before = summarizer.calls
+class Layer:
+    """One memory layer under test: a cold first call, then one timed call per turn."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.summarizer = fake_summarizer()
+        self.cold = 0.0
+        self.times: list[float] = []
+        self.summarizing_turns = 0
+
+    def timed(self, call: Callable[[], object]) -> float:
+        before = self.summarizer.calls
         start = time.perf_counter()
-        prepare(messages[:p])
-        times.append(time.perf_counter() - start)
-        compactions += summarizer.calls > before
-    return cold, times, points[-1], compactions
+        call()
+        elapsed = time.perf_counter() - start
+        self.summarizing_turns += self.summarizer.calls > before
+        return elapsed
+
+    def start(self, messages: list[BaseMessage]) -> None:
+        raise NotImplementedError
+
+    def turn(self, messages: list[BaseMessage]) -> None:
+        raise NotImplementedError
+
+    def kept(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the layer holds."""
 
 
-def run_middleware(
-    messages: list[BaseMessage],
-    points: list[int],
-    trigger: tuple[str, int],
-    keep: tuple[str, int],
-) -> Run:
-    summarizer = fake_summarizer()
-    middleware = SummarizationMiddleware(
-        model=summarizer,
-        trigger=trigger,  # type: ignore[arg-type]
-        keep=keep,  # type: ignore[arg-type]
-    )
-    state: dict[str, Any] = {"messages": list(messages[: points[0]])}
+class WindowLayer(Layer):
+    """ContextWindow, given the whole conversation every turn."""
 
-    def prepare() -> None:
-        update = middleware.before_model(state, None)  # type: ignore[arg-type]
+    def __init__(self, name: str, counter: TokenCounter, method: str, **kw: Any) -> None:
+        super().__init__(name)
+        self.window = ContextWindow(
+            model=MODEL, max_tokens=8000, summarizer=self.summarizer, counter=counter, **kw
+        )
+        self.prepare = getattr(self.window, method)
+        self.length = 0
+
+    def start(self, messages: list[BaseMessage]) -> None:
+        self.cold = self.timed(lambda: self.prepare(messages))
+        self.summarizing_turns = 0
+        self.length = len(messages)
+
+    def turn(self, messages: list[BaseMessage]) -> None:
+        self.times.append(self.timed(lambda: self.prepare(messages)))
+        self.length = len(messages)
+
+    def kept(self) -> int:
+        return self.length
+
+    def close(self) -> None:
+        self.window.close()
+
+
+class MiddlewareLayer(Layer):
+    """SummarizationMiddleware.before_model on an agent state it shrinks."""
+
+    def __init__(self, name: str, trigger: tuple[str, int], keep: tuple[str, int]) -> None:
+        super().__init__(name)
+        self.middleware = SummarizationMiddleware(
+            model=self.summarizer,
+            trigger=trigger,  # type: ignore[arg-type]
+            keep=keep,  # type: ignore[arg-type]
+        )
+        self.state: dict[str, Any] = {"messages": []}
+        self.seen = 0
+
+    def prepare(self) -> None:
+        update = self.middleware.before_model(self.state, None)  # type: ignore[arg-type]
         if update:
             new = update["messages"]
             if isinstance(new[0], RemoveMessage) and new[0].id == REMOVE_ALL_MESSAGES:
-                state["messages"] = list(new[1:])
+                self.state["messages"] = list(new[1:])
 
-    start = time.perf_counter()
-    prepare()
-    cold = time.perf_counter() - start
-    times = []
-    compactions = 0
-    seen = points[0]
-    for p in points[1:]:
-        state["messages"].extend(messages[seen:p])
-        seen = p
-        before = summarizer.calls
-        start = time.perf_counter()
-        prepare()
-        times.append(time.perf_counter() - start)
-        compactions += summarizer.calls > before
-    return cold, times, len(state["messages"]), compactions
+    def start(self, messages: list[BaseMessage]) -> None:
+        self.state["messages"] = list(messages)
+        self.seen = len(messages)
+        self.cold = self.timed(self.prepare)
+        self.summarizing_turns = 0
+
+    def turn(self, messages: list[BaseMessage]) -> None:
+        self.state["messages"].extend(messages[self.seen :])
+        self.seen = len(messages)
+        self.times.append(self.timed(self.prepare))
+
+    def kept(self) -> int:
+        return len(self.state["messages"])
 
 
 def main() -> None:
@@ -180,59 +204,67 @@ def main() -> None:
     TokenCounter(MODEL)  # load the encoding outside the timings
 
     limits = ContextWindow(model=MODEL, max_tokens=8000).limits(args.messages)
-    runs: list[tuple[str, Callable[[], Run]]] = [
-        (
-            "ContextWindow.plan, provider counts",
-            lambda: run_window(messages, points, TokenCounter(MODEL), "plan"),
-        ),
-        (
-            "ContextWindow.invoke, provider counts",
-            lambda: run_window(messages, points, TokenCounter(MODEL), "invoke"),
-        ),
-        (
+    layers: list[Layer] = [
+        WindowLayer("ContextWindow.plan, provider counts", TokenCounter(MODEL), "plan"),
+        WindowLayer("ContextWindow.invoke, provider counts", TokenCounter(MODEL), "invoke"),
+        WindowLayer(
             "ContextWindow.plan, no summary deadline",
-            lambda: run_window(messages, points, TokenCounter(MODEL), "plan", None),
+            TokenCounter(MODEL),
+            "plan",
+            summary_timeout=None,
         ),
-        (
+        WindowLayer(
             "ContextWindow.plan, tokenize answers",
-            lambda: run_window(
-                messages, points, TokenCounter(MODEL, use_provider_counts=False), "plan"
-            ),
+            TokenCounter(MODEL, use_provider_counts=False),
+            "plan",
         ),
-        (
+        MiddlewareLayer(
             f"Middleware, marks {limits.high_mark:,}/{limits.low_mark:,} tok",
-            lambda: run_middleware(
-                messages,
-                points,
-                ("tokens", limits.high_mark),
-                ("tokens", limits.low_mark),
-            ),
+            ("tokens", limits.high_mark),
+            ("tokens", limits.low_mark),
         ),
-        (
+        MiddlewareLayer(
             f"Middleware, {limits.prompt:,} tok/keep 20 msgs",
-            lambda: run_middleware(messages, points, ("tokens", limits.prompt), ("messages", 20)),
+            ("tokens", limits.prompt),
+            ("messages", 20),
         ),
     ]
     print(
         f"Per-turn preparation from {points[0]:,} to {points[-1]:,} messages "
-        f"({len(points) - 1} model calls)"
+        f"({len(points) - 1} model calls; the layers take turns, so a noisy moment hits all)"
     )
+    for layer in layers:
+        gc.collect()
+        layer.start(messages[: points[0]])
+    gc.collect()
+    for p in points[1:]:
+        for layer in layers:
+            layer.turn(messages[:p])
+    for layer in layers:
+        layer.close()
     print(
-        f"{'memory layer':<40}{'cold 1st call':>14}{'p50':>11}{'p95':>11}{'max':>11}"
+        f"{'memory layer':<42}{'cold 1st call':>14}{'p50':>11}{'p95':>11}{'max':>11}"
         f"{'kept':>9}{'summarizing turns':>19}"
     )
-    for name, run in runs:
-        gc.collect()
-        cold, times, kept, compactions = run()
-        p50, p95, mx = percentiles(times)
+    for layer in layers:
+        p50, p95, mx = percentiles(layer.times)
         print(
-            f"{name:<40}{cold * 1000:>11.1f} ms{p50 * 1000:>8.3f} ms{p95 * 1000:>8.3f} ms"
-            f"{mx * 1000:>8.3f} ms{kept:>9,}{compactions:>12}/{len(times)}"
+            f"{layer.name:<42}{layer.cold * 1000:>11.1f} ms{p50 * 1000:>8.3f} ms"
+            f"{p95 * 1000:>8.3f} ms{mx * 1000:>8.3f} ms{layer.kept():>9,}"
+            f"{layer.summarizing_turns:>12}/{len(layer.times)}"
+        )
+    base = percentiles(layers[-2].times)
+    for layer in layers[:3]:
+        p50, p95, _ = percentiles(layer.times)
+        print(
+            f"{layer.name} / matched middleware: p50 {p50 / base[0]:.1f}x, p95 {p95 / base[1]:.2f}x"
         )
     print(
         "kept = messages the layer still holds (ContextWindow: the whole conversation; the "
-        "middleware deletes what it summarized). summarizing turns = turns that called the "
-        "summarizer (each an LLM call in production)."
+        "middleware deletes what it summarized). summarizing turns = turns during which the "
+        "summarizer was called (each an LLM call in production). Background summaries are "
+        "measured by bench_background.py: their worker threads would disturb the other layers "
+        "here."
     )
 
 
