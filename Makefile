@@ -39,6 +39,7 @@ lint: $(VENV)/.test-$(HASH)
 	$(BIN)/ruff check langchain_holysheep tests benchmarks notebooks
 	$(BIN)/ruff format --check langchain_holysheep tests benchmarks notebooks
 	$(BIN)/mypy
+	$(BIN)/mypy tests benchmarks
 
 bench: $(VENV)/.test-$(HASH)
 	$(BIN)/python benchmarks/bench_tokens.py

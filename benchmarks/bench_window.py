@@ -30,7 +30,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.messages import AIMessage, BaseMessage, RemoveMessage, trim_messages
@@ -39,6 +39,9 @@ from langchain_core.messages.utils import count_tokens_approximately
 from langchain_holysheep.memory import ContextWindow
 from langchain_holysheep.tokens import TokenCounter
 from langchain_holysheep.workload import synthetic_conversation
+
+if TYPE_CHECKING:
+    from langchain.agents.middleware import AgentState
 
 MODEL = "deepseek-v3.2"
 BUDGET = 6000
@@ -160,7 +163,10 @@ class Middleware(Contender):
             self.state = list(messages[1:])  # the agent passes the system prompt separately
         else:
             self.state.extend(messages[max(new_from, 1) :])
-        update = self.middleware.before_model({"messages": self.state}, None)  # type: ignore[arg-type]
+        # The state's messages are BaseMessages (AgentState narrows them to the AnyMessage union);
+        # no runtime is passed on purpose: before_model does not use it.
+        state = cast("AgentState[Any]", {"messages": self.state})
+        update = self.middleware.before_model(state, None)  # type: ignore[arg-type]
         if update is not None:
             new = update["messages"]
             assert isinstance(new[0], RemoveMessage)

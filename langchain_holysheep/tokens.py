@@ -56,6 +56,7 @@ from langchain_core.messages import (
     ChatMessage,
     FunctionMessage,
     HumanMessage,
+    MessageLikeRepresentation,
     SystemMessage,
     ToolMessage,
     convert_to_messages,
@@ -769,7 +770,7 @@ class TokenCounter:
         """
         return self._resolve(self._entries([message])[0])
 
-    def count_messages(self, messages: Iterable[BaseMessage]) -> int:
+    def count_messages(self, messages: Iterable[MessageLikeRepresentation]) -> int:
         """Return the tokens of a prompt: each message's count plus ``REPLY_PRIMING``.
 
         Args:
@@ -793,8 +794,12 @@ class TokenCounter:
         """Return each message's count (as ``count_message``), in one cache pass."""
         return [self._resolve(entry) for entry in self._entries(messages)]
 
-    def __call__(self, messages: Sequence[BaseMessage]) -> int:
-        """Same as ``count_messages``; usable as ``trim_messages(token_counter=...)``."""
+    def __call__(self, messages: Iterable[MessageLikeRepresentation]) -> int:
+        """Same as ``count_messages``.
+
+        Usable as ``trim_messages(token_counter=...)`` and as
+        ``SummarizationMiddleware(token_counter=...)``.
+        """
         return self.count_messages(messages)
 
     def cache_info(self) -> dict[str, int]:

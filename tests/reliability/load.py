@@ -126,6 +126,11 @@ class Relay:
     api_key: str
 
 
+def _pool_options(spec: StoreSpec) -> dict[str, Any]:
+    """The PostgreSQL store's pool options for many concurrent sessions (none for SQLite)."""
+    return {"max_size": 20} if spec.kind == "postgres" else {}
+
+
 def _window(relay: Relay, max_tokens: int) -> ContextWindow:
     return make_window(
         make_model(relay.base_url, relay.api_key, max_retries=5), max_tokens=max_tokens
@@ -143,7 +148,7 @@ def run_threads(
 ) -> LoadReport:
     """Run ``sessions`` conversations of ``turns`` turns, one thread each, then audit them."""
     report = LoadReport("threads", spec.kind, sessions, turns)
-    store = open_store(spec, **({"max_size": 20} if spec.kind == "postgres" else {}))
+    store = open_store(spec, **_pool_options(spec))
     window = _window(relay, max_tokens)
     model = make_model(relay.base_url, relay.api_key, max_retries=5, timeout=60)
     lock = threading.Lock()
@@ -184,7 +189,7 @@ async def run_asyncio(
 ) -> LoadReport:
     """Run ``sessions`` conversations as asyncio tasks on one loop, then audit them."""
     report = LoadReport("asyncio", spec.kind, sessions, turns)
-    store = open_store(spec, **({"max_size": 20} if spec.kind == "postgres" else {}))
+    store = open_store(spec, **_pool_options(spec))
     window = _window(relay, max_tokens)
     model = make_model(relay.base_url, relay.api_key, max_retries=5, timeout=60)
 
@@ -254,7 +259,7 @@ def process_worker(
 
     Puts a :class:`LoadReport` summary (and its problems and errors) on ``results``.
     """
-    store = open_store(spec, **({"max_size": 20} if spec.kind == "postgres" else {}))
+    store = open_store(spec, **_pool_options(spec))
     window = _window(relay, 1200)
     model = make_model(relay.base_url, relay.api_key, max_retries=5, timeout=60)
     report = LoadReport("processes", spec.kind, sessions, turns)

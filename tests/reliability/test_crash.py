@@ -218,7 +218,11 @@ def _check_after_restart(
 
 def _prepare(spec: StoreSpec, mode: str) -> None:
     if spec.kind == "postgres" and mode == "append":
-        open_store(spec).setup()
+        from langchain_holysheep.stores import PostgresMessageStore
+
+        store = open_store(spec)
+        assert isinstance(store, PostgresMessageStore)
+        store.setup()
         _pg_execute(
             spec,
             _STALL_FUNCTION,

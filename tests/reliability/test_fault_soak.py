@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 
 from langchain_holysheep.errors import HolySheepError
 from langchain_holysheep.testing import Fault, HolySheepTestServer
@@ -75,7 +76,7 @@ def _run(spec: StoreSpec, sessions: int, turns: int, rate: float) -> tuple[int, 
         def conversation(i: int) -> None:
             nonlocal failures
             name = f"flaky-{i:03d}"
-            config = {"configurable": {"session_id": name}}
+            config: RunnableConfig = {"configurable": {"session_id": name}}
             for turn in range(turns):
                 for attempt in range(20):
                     try:

@@ -248,10 +248,12 @@ def _agent(
                        timeout=TIMEOUT)  # fmt: skip
     summarizer = make_model(summary_server.base_url, summary_server.api_key or "")
     window = make_window(summarizer, max_tokens=1000)
+    system_prompt = SYSTEM.content
+    assert isinstance(system_prompt, str)
     return create_agent(
         model,
         tools=[],
-        system_prompt=SYSTEM.content,
+        system_prompt=system_prompt,
         middleware=[ContextWindowMiddleware(window=window, on_plan=plans.append)],
         checkpointer=InMemorySaver(),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator
+from typing import TypedDict
 
 import pytest
 
@@ -24,8 +25,18 @@ from tests.reliability.load import (
 )
 from tests.reliability.support import StoreSpec, open_store, tag_responder
 
-SMALL = {"sessions": 20, "turns": 10, "max_tokens": 700}
-FULL = {"sessions": 200, "turns": 50}
+
+class _Size(TypedDict):
+    sessions: int
+    turns: int
+
+
+class _SmallSize(_Size):
+    max_tokens: int
+
+
+SMALL: _SmallSize = {"sessions": 20, "turns": 10, "max_tokens": 700}
+FULL: _Size = {"sessions": 200, "turns": 50}
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from langchain_core.load import dumpd, dumps
 from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.runnables import RunnableConfig
 
 from langchain_holysheep.errors import HolySheepError
 from langchain_holysheep.history import ManagedChatMessageHistory
@@ -59,7 +60,7 @@ def _conversation_with_faults(
     model = make_model(server.base_url, SECRET, max_retries=1, timeout=0.5)
     window = make_window(make_model(server.base_url, SECRET), max_tokens=700)
     chain = make_chain(model, store, window)
-    config = {"configurable": {"session_id": SESSION}}
+    config: RunnableConfig = {"configurable": {"session_id": SESSION}}
     errors: list[BaseException] = []
     faults = [
         [Fault.rate_limited(retry_after=0)],  # retried, invisible
@@ -186,6 +187,7 @@ def _injected_conversation(tmp_path: Path, mode: str) -> list[Any]:
             return any(_aligned(m) for m in found) if mode == "cache_aligned" else bool(found)
 
         first = question(SESSION, 0, " " + INJECTION)
+        config: RunnableConfig
         if mode == "isolated":
             store = SQLiteMessageStore(tmp_path / "c.db")
             chain = make_chain(model, store, window)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from langchain_holysheep import SpendLimitExceeded, get_usage_callback
@@ -33,14 +34,19 @@ def _usage(inp: int, out: int, cached: int = 0) -> dict[str, Any]:
     }
 
 
+def _usage_of(message: AIMessage) -> UsageMetadata:
+    assert message.usage_metadata is not None
+    return message.usage_metadata
+
+
 def test_totals_and_dollars_match_the_responses(server: HolySheepTestServer) -> None:
     llm = server.chat_model("deepseek-v3.2")
     with get_usage_callback() as usage:
         replies = [llm.invoke("Where is my parcel?"), llm.invoke("And my refund, please?")]
     assert usage.calls == 2
-    assert usage.input_tokens == sum(r.usage_metadata["input_tokens"] for r in replies)  # type: ignore[index]
-    assert usage.output_tokens == sum(r.usage_metadata["output_tokens"] for r in replies)  # type: ignore[index]
-    expected = sum(cost(r.usage_metadata, "deepseek-v3.2") for r in replies)  # type: ignore[arg-type]
+    assert usage.input_tokens == sum(_usage_of(r)["input_tokens"] for r in replies)
+    assert usage.output_tokens == sum(_usage_of(r)["output_tokens"] for r in replies)
+    expected = sum(cost(_usage_of(r), "deepseek-v3.2") for r in replies)
     assert usage.total_cost == pytest.approx(expected)
     assert usage.total_cost > 0
     assert set(usage.by_model) == {"deepseek-v3.2"}
@@ -80,7 +86,7 @@ async def test_async_and_concurrent_calls(server: HolySheepTestServer) -> None:
         async for _ in llm.astream("one more"):
             pass
     assert usage.calls == 7
-    assert usage.input_tokens >= sum(r.usage_metadata["input_tokens"] for r in replies)  # type: ignore[index]
+    assert usage.input_tokens >= sum(_usage_of(r)["input_tokens"] for r in replies)
 
 
 def test_threaded_batch(server: HolySheepTestServer) -> None:
@@ -88,7 +94,7 @@ def test_threaded_batch(server: HolySheepTestServer) -> None:
     with get_usage_callback() as usage:
         replies = llm.batch([f"question {i}" for i in range(8)], config={"max_concurrency": 4})
     assert usage.calls == 8
-    assert usage.output_tokens == sum(r.usage_metadata["output_tokens"] for r in replies)  # type: ignore[index]
+    assert usage.output_tokens == sum(_usage_of(r)["output_tokens"] for r in replies)
 
 
 def test_handler_is_thread_safe() -> None:

@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.load import dumpd, dumps, load
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages import SystemMessage as System
@@ -47,6 +48,14 @@ def _join(chunks: list[AIMessageChunk]) -> AIMessageChunk:
     return full
 
 
+def _chunks(messages: Iterable[BaseMessage]) -> list[AIMessageChunk]:
+    out: list[AIMessageChunk] = []
+    for message in messages:
+        assert isinstance(message, AIMessageChunk), type(message)
+        out.append(message)
+    return out
+
+
 def _long_history(turns: int = 12) -> list[BaseMessage]:
     messages: list[BaseMessage] = [System("You are a support agent. " * 50)]
     for k in range(turns):
@@ -70,6 +79,8 @@ class Joke(BaseModel):
 
 
 # Construction -----------------------------------------------------------------------------
+# ChatHolySheep(model=...) is the documented constructor; the pydantic mypy plugin types the
+# __init__ of a populate_by_name model with field names only (model_name), hence ignore[call-arg].
 
 
 def test_reads_key_and_base_from_env(
@@ -77,7 +88,7 @@ def test_reads_key_and_base_from_env(
 ) -> None:
     for name, value in server.env().items():
         monkeypatch.setenv(name, value)
-    llm = ChatHolySheep(model="deepseek-v3.2")
+    llm = ChatHolySheep(model="deepseek-v3.2")  # type: ignore[call-arg]
     assert llm.api_base == server.base_url
     assert llm.api_key is not None
     assert llm.api_key.get_secret_value() == DEFAULT_TEST_API_KEY
@@ -86,7 +97,7 @@ def test_reads_key_and_base_from_env(
 
 
 def test_default_base_url_is_the_relay(monkeypatch: pytest.MonkeyPatch) -> None:
-    llm = ChatHolySheep(model="deepseek-v3.2", api_key="k-123")
+    llm = ChatHolySheep(model="deepseek-v3.2", api_key="k-123")  # type: ignore[call-arg]
     assert llm.api_base == DEFAULT_API_BASE == "https://api.holysheep.ai/v1"
     assert str(llm.root_client.base_url) == "https://api.holysheep.ai/v1/"
     assert llm.stream_usage is True
@@ -97,21 +108,21 @@ def test_explicit_arguments_win_over_env(
 ) -> None:
     monkeypatch.setenv("HOLYSHEEP_API_BASE", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("HOLYSHEEP_API_KEY", "wrong-key-from-env")
-    llm = ChatHolySheep(model="gpt-4.1-mini", base_url=server.base_url, api_key=server.api_key)
+    llm = ChatHolySheep(model="gpt-4.1-mini", base_url=server.base_url, api_key=server.api_key)  # type: ignore[call-arg]
     assert llm.invoke("hi").content == "You said: hi"
 
 
 def test_profiles_and_unknown_models() -> None:
-    llm = ChatHolySheep(model="gpt-4.1", api_key="k")
+    llm = ChatHolySheep(model="gpt-4.1", api_key="k")  # type: ignore[call-arg]
     assert llm.profile is not None
     assert llm.profile["max_input_tokens"] == 1047576
     assert llm.profile["tool_calling"] is True
     names = ("deepseek-v3.2", "gpt-4.1-mini", "claude-sonnet-4.5", "gemini-2.5-flash")
     for name in (*names, "gemini-2.5-pro"):
-        profile = ChatHolySheep(model=name, api_key="k").profile
+        profile = ChatHolySheep(model=name, api_key="k").profile  # type: ignore[call-arg]
         assert profile is not None, name
         assert profile["max_input_tokens"], name
-    assert ChatHolySheep(model="my-private-finetune", api_key="k").profile is None
+    assert ChatHolySheep(model="my-private-finetune", api_key="k").profile is None  # type: ignore[call-arg]
 
 
 def test_unknown_model_still_works(server: HolySheepTestServer) -> None:
@@ -162,7 +173,7 @@ async def test_ainvoke(model: ChatHolySheep, server: HolySheepTestServer) -> Non
 
 
 def test_batch_keeps_inputs_and_answers_paired(model: ChatHolySheep) -> None:
-    questions = [f"question number {k}" for k in range(6)]
+    questions: list[LanguageModelInput] = [f"question number {k}" for k in range(6)]
     answers = model.batch(questions, config={"max_concurrency": 3})
     assert [a.content for a in answers] == [f"You said: {q}" for q in questions]
 
@@ -308,7 +319,7 @@ def test_streamed_tool_calls(model: ChatHolySheep, server: HolySheepTestServer) 
             ]
         )
     )
-    full = _join(list(model.bind_tools([GetWeather]).stream("two cities")))
+    full = _join(_chunks(model.bind_tools([GetWeather]).stream("two cities")))
     assert [c["args"] for c in full.tool_calls] == [{"location": "Oslo"}, {"location": "Rome"}]
 
 
@@ -341,6 +352,7 @@ def test_structured_output_json_schema_and_include_raw(model: ChatHolySheep) -> 
     out = model.with_structured_output(Joke, method="json_schema", include_raw=True).invoke(
         "Tell me a joke"
     )
+    assert isinstance(out, dict)
     assert out["parsing_error"] is None
     assert isinstance(out["parsed"], Joke)
     assert out["raw"].response_metadata["model_provider"] == "holysheep"
@@ -446,7 +458,7 @@ def test_proxy_from_the_environment_is_honoured(monkeypatch: pytest.MonkeyPatch)
     """Behind a corporate proxy (HTTPS_PROXY) the sync client must route through it."""
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     # A base URL no other test uses, so no cached client built without the proxy is reused.
-    llm = ChatHolySheep(
+    llm = ChatHolySheep(  # type: ignore[call-arg]
         model="deepseek-v3.2", api_key="k", base_url="https://relay.proxy-test.invalid/v1"
     )
     http = llm.root_client._client

@@ -13,6 +13,7 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import ChatResult
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+from langchain_core.runnables import RunnableConfig
 from pydantic import Field
 
 from langchain_holysheep import ContextPlan, ContextWindow, TokenCounter
@@ -84,7 +85,11 @@ def test_invoke_returns_messages_and_plan_explains_them() -> None:
     assert plan.messages == sent
     check(plan, history)
     labels = [*plan.kept_ids, *plan.summarized_ids, *plan.pending_ids, *plan.dropped_ids]
-    assert sorted(labels) == sorted(m.id for m in history[1:])
+    history_ids: list[str] = []
+    for m in history[1:]:
+        assert m.id is not None
+        history_ids.append(m.id)
+    assert sorted(labels) == sorted(history_ids)
     assert "ContextPlan for deepseek-v3.2" in str(plan)
 
 
@@ -120,7 +125,7 @@ def test_batch_plans_each_conversation() -> None:
 def test_grown_conversation_counts_only_new_messages() -> None:
     history = conversation(60)
     window = make_window()
-    config = {"configurable": {"thread_id": "t-1"}}
+    config: RunnableConfig = {"configurable": {"thread_id": "t-1"}}
     window.invoke(history[:50], config)
     misses = window.counter.cache_info()["misses"]
     assert misses >= 49
@@ -335,7 +340,7 @@ def test_window_size_caps_recent_messages() -> None:
 def test_edited_history_starts_afresh() -> None:
     history = conversation(40)
     window = make_window(summarizer=Summarizer(transcripts=[]))
-    config = {"configurable": {"thread_id": "x"}}
+    config: RunnableConfig = {"configurable": {"thread_id": "x"}}
     first = window.plan(history, config)
     assert first.state.summarized_through > 0
     edited = [history[0], HumanMessage("completely different", id="new"), *history[3:20]]

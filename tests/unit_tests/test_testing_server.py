@@ -168,7 +168,7 @@ def test_responder_sees_the_request_and_may_return_faults() -> None:
 
 
 def test_default_reply_calls_a_forced_tool_with_schema_valid_args() -> None:
-    tool = {
+    tool: dict[str, Any] = {
         "type": "function",
         "function": {
             "name": "Joke",
@@ -196,7 +196,7 @@ def test_default_reply_calls_a_forced_tool_with_schema_valid_args() -> None:
     schema_format = {
         "type": "json_schema",
         "json_schema": {"schema": tool["function"]["parameters"]},
-    }  # type: ignore[index]
+    }
     assert (
         json.loads(default_reply({"messages": [], "response_format": schema_format}).content)[
             "mood"
@@ -208,7 +208,10 @@ def test_default_reply_calls_a_forced_tool_with_schema_valid_args() -> None:
 def test_default_reply_runs_one_agent_round_when_tools_are_offered() -> None:
     tool = {"type": "function", "function": {"name": "lookup_order", "parameters": {
         "type": "object", "properties": {"order_id": {"type": "string"}}}}}  # fmt: skip
-    asked = {"messages": [{"role": "user", "content": "Where is A-17?"}], "tools": [tool]}
+    asked: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "Where is A-17?"}],
+        "tools": [tool],
+    }
     call = default_reply(asked).tool_calls[0]
     assert call.name == "lookup_order"  # type: ignore[union-attr]
     assert call.args == {"order_id": "Where is A-17?"}  # type: ignore[union-attr]

@@ -279,6 +279,7 @@ def test_image_blocks(counter: TokenCounter) -> None:
 
 
 def test_message_likes_are_converted(counter: TokenCounter) -> None:
+    # Deliberately outside the declared Iterable[BaseMessage]: message-likes are converted.
     assert counter.count_messages([("user", "hi")]) == counter.count_messages([HumanMessage("hi")])
 
 

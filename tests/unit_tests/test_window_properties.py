@@ -196,7 +196,7 @@ def _every_plan_keeps_the_invariants(
 ) -> None:
     counts = [data.draw(st.integers(1, 400)) for _ in messages]
     snapshot = list(messages)
-    system = [SystemMessage("rules", id="sys")]
+    system: list[BaseMessage] = [SystemMessage("rules", id="sys")]
     system_counts = [data.draw(st.integers(0, 60))]
     cap = data.draw(st.integers(20, 500)) if truncate else None
     limits = WindowLimits(

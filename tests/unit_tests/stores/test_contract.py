@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from langchain_core.messages import (
@@ -149,7 +150,7 @@ def test_bad_session_id_is_refused_everywhere(
     harness: StoreHarness, session_id: object, error: type[Exception], words: str
 ) -> None:
     store = harness.store
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: store.append(session_id, [HumanMessage("x")], [1]),  # type: ignore[arg-type]
         lambda: store.read(session_id),  # type: ignore[arg-type]
         lambda: store.get_session(session_id),  # type: ignore[arg-type]
