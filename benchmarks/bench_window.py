@@ -12,7 +12,9 @@ from the whole conversation, and its time is measured side by side in the same r
   count_tokens_approximately, at the same prompt cap;
 * langchain's SummarizationMiddleware, its before_model driven directly on an agent state
   that gets the new messages appended (it deletes what it summarizes), with the same fake
-  summarizer, trigger at the prompt cap, keeping 20 messages.
+  summarizer, its trigger and keep at the window's own marks (compact at the high-water mark
+  down to the low-water mark, in tokens). Its default keep=("messages", 20) would summarize on
+  almost every call here: 20 of these messages count more than the prompt cap.
 
 Sweep (--sweep): ContextWindow's high/low water marks over the 200-turn conversation at a
 6,000-token budget, replayed by langchain_holysheep.simulate: cost of every call with cached
@@ -149,11 +151,11 @@ class Trim(Contender):
 class Middleware(Contender):
     name = "SummarizationMiddleware"
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, high_mark: int, low_mark: int) -> None:
         from langchain.agents.middleware import SummarizationMiddleware
 
         self.middleware = SummarizationMiddleware(
-            model=fake_summarizer(), trigger=("tokens", limit), keep=("messages", 20)
+            model=fake_summarizer(), trigger=("tokens", high_mark), keep=("tokens", low_mark)
         )
         self.state: list[BaseMessage] = []
         self.seen = 0
@@ -181,7 +183,8 @@ def timing(sizes: Sequence[int], calls: int, slow_calls: int) -> None:
     messages = convo.messages
     usage_messages = with_usage(messages, TokenCounter(MODEL, use_provider_counts=False))
     points = convo.call_points
-    limit = ContextWindow(model=MODEL, max_tokens=BUDGET).limits().prompt
+    limits = ContextWindow(model=MODEL, max_tokens=BUDGET).limits()
+    limit = limits.prompt
     tiktoken_counter = TokenCounter(MODEL, cache_size=0, use_provider_counts=False)
     print(
         f"synthetic conversation: {len(messages):,} messages; model {MODEL}, budget "
@@ -202,7 +205,7 @@ def timing(sizes: Sequence[int], calls: int, slow_calls: int) -> None:
             WindowInvoke(),
             Trim("trim_messages (tiktoken)", tiktoken_counter, limit),
             Trim("trim_messages (approximate)", count_tokens_approximately, limit),
-            Middleware(limit),
+            Middleware(limits.high_mark, limits.low_mark),
             FloorUsage(),
             WindowPlanUsage(),
         ]
