@@ -14,7 +14,7 @@ from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import AIMessage, BaseMessage
 
 from langchain_holysheep.stores.base import MessageStore, SessionRecord, StoredMessage, validate_key
-from langchain_holysheep.window import ContextPlan, WindowState
+from langchain_holysheep.window import ContextPlan, WindowState, plan_matches
 
 if TYPE_CHECKING:
     from langchain_holysheep.memory import ContextWindow
@@ -197,6 +197,9 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
         self._forget()
 
     def _forget(self) -> None:
+        self.last_plan = None
+        if self.window is not None:
+            self.window.forget_plan(self.store, self.session_id)
         self._cache = None
         self._prompt_tokens = None
         self._stored_calibration = None
@@ -255,17 +258,35 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
 
     def _step_args(self, state: WindowState, stored: Sequence[StoredMessage]) -> dict[str, Any]:
         """What ``step`` and ``astep`` are called with, written once for both paths."""
+        tail = [m.message for m in stored]
         return {
             "system": [],
-            "tail": [m.message for m in stored],
+            "tail": tail,
             "offset": state.load_from,
             "state": state,
             "counts": [m.tokens for m in stored],
             "reserved_tokens": self.reserved_tokens,
-            "previous": self.last_plan,
+            "previous": self._previous(state, tail),
             "store": self.store,
             "session_id": self.session_id,
         }
+
+    def _previous(self, state: WindowState, tail: Sequence[BaseMessage]) -> ContextPlan | None:
+        """The plan sent last turn, if it was made from the conversation stored now.
+
+        This object's own, else the one the window remembers for the session (a history
+        built anew every call, as ``RunnableWithMessageHistory`` does). A plan of another
+        conversation (the session was cleared and started again) or of another state (another
+        process summarized since) is not used: a cache-aligned summary would resend its
+        prompt.
+        """
+        assert self.window is not None
+        plan = self.last_plan
+        if plan is None:
+            plan = self.window.recall_plan(self.store, self.session_id)
+        if plan is None or not plan_matches(plan, state, tail, state.load_from):
+            return None
+        return plan
 
     def _cached(self, record: SessionRecord) -> list[BaseMessage] | None:
         # Unchanged record and message count since the last plan: the same plan again
@@ -283,6 +304,8 @@ class ManagedChatMessageHistory(BaseChatMessageHistory):
 
     def _remember(self, plan: ContextPlan, record: SessionRecord, end: int) -> list[BaseMessage]:
         self.last_plan = plan
+        if self.window is not None:
+            self.window.remember_plan(self.store, self.session_id, plan)
         self._sending(plan)
         version = record.version if plan.state == _state_of(record) else record.version + 1
         self._cache = (version, end, list(plan.messages)) if end == record.message_count else None

@@ -11,6 +11,7 @@ import hashlib
 import math
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
@@ -216,6 +217,10 @@ class _Runtime:
         self.model_name: str | None = None
         self.message_cap: int | None = None
         self.background: BackgroundSummaries | None = None
+        # store object -> session id -> the plan a history returned last for it
+        self.sent_plans: weakref.WeakKeyDictionary[Any, OrderedDict[str, ContextPlan]] = (
+            weakref.WeakKeyDictionary()
+        )
 
 
 def _same_item(a: Any, b: Any) -> bool:
@@ -799,6 +804,51 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
 
     def _wait_seconds(self) -> float | None:
         return self.summary_wait if self.summary_wait is not None else self.summary_timeout
+
+    # -- plans of stored sessions, remembered across history objects ---------------------------
+
+    def remember_plan(self, store: MessageStore, session_id: str, plan: ContextPlan) -> None:
+        """Remember the plan a history of ``store`` just returned for ``session_id``.
+
+        ``RunnableWithMessageHistory`` builds a new history object for every call, so the
+        plan sent last turn cannot live in the history; the window keeps it (per store object
+        and session, the ``max_conversations`` most recent per store, forgotten with the
+        store object) and :meth:`recall_plan` hands it to the next history of the session.
+        With it the next plan's cached-token estimate is exact and a cache-aligned summary
+        can resend the prompt the provider has cached. ``ManagedChatMessageHistory`` calls
+        this; a history of your own may too.
+
+        Args:
+            store: The store the session lives in.
+            session_id: The session.
+            plan: The plan returned (and about to be sent).
+        """
+        rt = self._rt
+        with rt.lock:
+            plans = rt.sent_plans.get(store)
+            if plans is None:
+                plans = rt.sent_plans[store] = OrderedDict()
+            plans[session_id] = plan
+            plans.move_to_end(session_id)
+            while len(plans) > self.max_conversations:
+                plans.popitem(last=False)
+
+    def recall_plan(self, store: MessageStore, session_id: str) -> ContextPlan | None:
+        """Return the plan remembered for ``session_id`` of ``store``, or ``None``.
+
+        The plan may be stale (another process served the session since, or it was cleared):
+        check it with :func:`langchain_holysheep.window.plan_matches` before using it.
+        """
+        with self._rt.lock:
+            plans = self._rt.sent_plans.get(store)
+            return None if plans is None else plans.get(session_id)
+
+    def forget_plan(self, store: MessageStore, session_id: str) -> None:
+        """Forget the plan remembered for ``session_id`` of ``store`` (the session was cleared)."""
+        with self._rt.lock:
+            plans = self._rt.sent_plans.get(store)
+            if plans is not None:
+                plans.pop(session_id, None)
 
     # -- step: the store-backed API --------------------------------------------------------------
 

@@ -29,6 +29,15 @@ def same_message(a: BaseMessage, b: BaseMessage) -> bool:
     )
 
 
+def same_message_and_id(a: BaseMessage, b: BaseMessage) -> bool:
+    """Return whether two messages are the same message.
+
+    Same prompt bytes, and the same id where both have one: two equal texts with different
+    ids are different messages.
+    """
+    return same_message(a, b) and (a.id is None or b.id is None or a.id == b.id)
+
+
 def shared_prefix_tokens(
     previous: Sequence[BaseMessage],
     current: Sequence[BaseMessage],

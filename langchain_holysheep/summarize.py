@@ -54,7 +54,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from langchain_holysheep.prompt_cache import same_message
+from langchain_holysheep.prompt_cache import same_message_and_id
 
 __all__ = [
     "CACHE_ALIGNED_REQUEST",
@@ -267,10 +267,6 @@ def resolve_summary_mode(
     return "isolated"
 
 
-def _same(a: BaseMessage, b: BaseMessage) -> bool:
-    return same_message(a, b) and (a.id is None or b.id is None or a.id == b.id)
-
-
 def _find_run(
     prompt: Sequence[BaseMessage], messages: Sequence[BaseMessage]
 ) -> tuple[int, int] | None:
@@ -281,10 +277,10 @@ def _find_run(
     """
     n, size = len(messages), len(prompt)
     for i in range(size):
-        if not _same(prompt[i], messages[0]):
+        if not same_message_and_id(prompt[i], messages[0]):
             continue
         k = 1
-        while k < n and i + k < size and _same(prompt[i + k], messages[k]):
+        while k < n and i + k < size and same_message_and_id(prompt[i + k], messages[k]):
             k += 1
         if k == n or i + k == size:
             return i, k

@@ -17,7 +17,11 @@ from functools import cached_property
 from langchain_core.exceptions import ContextOverflowError
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-from langchain_holysheep.prompt_cache import cacheable_tokens, shared_prefix_tokens
+from langchain_holysheep.prompt_cache import (
+    cacheable_tokens,
+    same_message_and_id,
+    shared_prefix_tokens,
+)
 
 __all__ = [
     "RECAP_ID_PREFIX",
@@ -30,6 +34,7 @@ __all__ = [
     "finish_turn",
     "is_recap",
     "layout_turn",
+    "plan_matches",
     "recap_message",
 ]
 
@@ -785,6 +790,43 @@ class ContextPlan:
             f"<p>{html.escape(self._summary_line())}</p>"
             f"{f'<ul>{notes}</ul>' if notes else ''}</div>"
         )
+
+
+def plan_matches(
+    plan: ContextPlan, state: WindowState, tail: Sequence[BaseMessage], offset: int
+) -> bool:
+    """Return whether ``plan`` was made from this stored conversation in this state.
+
+    A history that recalls the plan it returned last turn (for the exact cached-token
+    estimate, and for cache-aligned summaries, which resend that prompt) must never use a plan
+    of another conversation: one made before the session was cleared and started again, or
+    before another process moved the summary on. A plan qualifies when its window state (the
+    version aside) is ``state`` and every message from the first one it sent verbatim to the
+    end of the conversation it saw is, position by position, the stored message (the same
+    prompt bytes and id; shortened messages are compared as stored).
+
+    Args:
+        plan: The plan returned last turn.
+        state: The window state stored now.
+        tail: The stored conversation from position ``offset`` on.
+        offset: Position of ``tail[0]``.
+    """
+    s = plan.state
+    if (s.summary, s.summary_tokens, s.summarized_through, s.window_start) != (
+        state.summary,
+        state.summary_tokens,
+        state.summarized_through,
+        state.window_start,
+    ):
+        return False
+    ledger = plan._ledger
+    if ledger is None or ledger.send_from < offset or ledger.end - offset > len(tail):
+        return False
+    index = ledger.index
+    return all(
+        same_message_and_id(index.message(pos), tail[pos - offset])
+        for pos in range(ledger.send_from, ledger.end)
+    )
 
 
 def finish_turn(
