@@ -11,45 +11,25 @@ from __future__ import annotations
 
 import gc
 from dataclasses import replace
-from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
-from pydantic import Field
 
 from langchain_holysheep.history import ManagedChatMessageHistory
 from langchain_holysheep.memory import ContextWindow
 from langchain_holysheep.stores import InMemoryMessageStore
 from langchain_holysheep.summarize import is_cache_aligned_request
 from langchain_holysheep.window import WindowState, plan_matches
+from tests.unit_tests.test_summarize import RecordingModel
 
 MODEL = "deepseek-v3.2"
 
 
-class RecordingSummarizer(BaseChatModel):
+def recording_summarizer() -> RecordingModel:
     """Answers every summary request with a short recap and keeps the requests."""
-
-    requests: list[list[BaseMessage]] = Field(default_factory=list)
-
-    @property
-    def _llm_type(self) -> str:
-        return "recording-summarizer"
-
-    def _generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        self.requests.append(list(messages))
-        recap = AIMessage(f"Recap {len(self.requests)}: the user asked questions.")
-        return ChatResult(generations=[ChatGeneration(message=recap)])
+    return RecordingModel(responses=["Recap: the user asked questions."])
 
 
-def window(summarizer: RecordingSummarizer, max_tokens: int = 1500) -> ContextWindow:
+def window(summarizer: RecordingModel, max_tokens: int = 1500) -> ContextWindow:
     return ContextWindow(
         model=MODEL,
         max_tokens=max_tokens,
@@ -77,13 +57,13 @@ def run_turns(store: InMemoryMessageStore, win: ContextWindow, turns: int, *, fr
 
 def test_histories_built_anew_every_call_get_cache_aligned_summaries() -> None:
     for fresh in (False, True):
-        summarizer = RecordingSummarizer()
+        summarizer = recording_summarizer()
         run_turns(InMemoryMessageStore(), window(summarizer), 30, fresh=fresh)
-        aligned = [r for r in summarizer.requests if is_cache_aligned_request(r)]
-        assert len(summarizer.requests) >= 3, fresh
+        aligned = [r for r in summarizer.prompts if is_cache_aligned_request(r)]
+        assert len(summarizer.prompts) >= 3, fresh
         # Every summary resends the prompt of the turn before, whether one history object
         # served every turn or a new one each call.
-        assert len(aligned) == len(summarizer.requests), (fresh, len(aligned))
+        assert len(aligned) == len(summarizer.prompts), (fresh, len(aligned))
 
 
 def test_a_plan_from_before_the_session_was_cleared_is_not_resent() -> None:
@@ -91,7 +71,7 @@ def test_a_plan_from_before_the_session_was_cleared_is_not_resent() -> None:
     starts again with the same opening messages. A's last prompt contains the opening as one
     run, so a cache-aligned summary would resend it, and with it the answer that was
     deleted."""
-    summarizer = RecordingSummarizer()
+    summarizer = recording_summarizer()
     win = window(summarizer, max_tokens=2000)
     store = InMemoryMessageStore()
     opening: list[BaseMessage] = [
@@ -104,7 +84,7 @@ def test_a_plan_from_before_the_session_was_cleared_is_not_resent() -> None:
     history = ManagedChatMessageHistory("s", store, win)
     history.add_messages([*opening, AIMessage("the DELETED-SECRET answer")])
     assert history.messages  # A's plan of the old conversation (no compaction yet)
-    assert summarizer.requests == []
+    assert summarizer.prompts == []
     old_plan = history.last_plan
     assert old_plan is not None
 
@@ -120,10 +100,10 @@ def test_a_plan_from_before_the_session_was_cleared_is_not_resent() -> None:
         else:
             reader = history
             reader.last_plan = old_plan
-        summarizer.requests.clear()
+        summarizer.prompts.clear()
         assert reader.messages
-        assert summarizer.requests, "the window should have compacted"
-        for request in summarizer.requests:
+        assert summarizer.prompts, "the window should have compacted"
+        for request in summarizer.prompts:
             assert not any("DELETED-SECRET" in str(m.content) for m in request), fresh
         # Undo the compaction, so that the other reader compacts the same conversation.
         version = store.get_session("s").version
@@ -134,7 +114,7 @@ def test_a_plan_from_before_the_session_was_cleared_is_not_resent() -> None:
 
 
 def test_plans_are_kept_per_store_object_and_go_with_it() -> None:
-    summarizer = RecordingSummarizer()
+    summarizer = recording_summarizer()
     win = window(summarizer)
     store, other = InMemoryMessageStore(), InMemoryMessageStore()
     history = ManagedChatMessageHistory("s", store, win)
