@@ -284,10 +284,9 @@ class _SQLiteBackend:
         instead of failing on a read-to-write upgrade; it is what totally orders appends.
         """
         conn = self.connection()
-        # Threads of this process queue first come, first served on a lock of their own
-        # (a FairLock: threading.Lock has no order either); SQLite's busy
-        # handler alone lets whichever thread retries first win, and under many writer
-        # threads an unlucky one starves until its timeout.
+        # Threads of this process queue first come, first served on a lock of their own.
+        # SQLite's busy handler alone lets whichever thread retries first win, and so would a
+        # threading.Lock: under many writer threads an unlucky one starves until its timeout.
         gate = _write_gate(self.path)
         if not gate.acquire(timeout=self.timeout):
             raise StoreError(
