@@ -191,6 +191,8 @@ class ContextBudget:
         self.margin = float(margin)
         self.growth: tuple[tuple[int, float, float], ...] = tuple(steps)
         self.response_tokens = response_tokens
+        # (growth step, calibration) -> allocation: a turn asks for one, so it must be cheap.
+        self._allocations: dict[tuple[int, float], Allocation] = {}
 
         reserve = self.response_reserve
         margin_tokens = self.margin_tokens
@@ -207,6 +209,16 @@ class ContextBudget:
                 f"max_prompt_tokens={max_prompt_tokens:,}{where} is smaller than a minimal "
                 f"turn ({self.MIN_PROMPT_TOKENS} tokens); raise it"
             )
+
+        self._frozen = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(
+                f"ContextBudget is immutable (its figures were validated together); make a "
+                f"new one instead of setting {name!r}"
+            )
+        object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
         return (
@@ -233,11 +245,20 @@ class ContextBudget:
 
     def shares(self, n_messages: int = 0) -> tuple[float, float, float]:
         """Return the (system, summary, recent) fractions in force at ``n_messages``."""
-        summary, recent = self.summary, self.recent
-        for after, step_summary, step_recent in self.growth:
-            if n_messages > after:
-                summary, recent = step_summary, step_recent
+        step = self._step(n_messages)
+        if step == 0:
+            return self.system, self.summary, self.recent
+        _, summary, recent = self.growth[step - 1]
         return self.system, summary, recent
+
+    def _step(self, n_messages: int) -> int:
+        """Return how many growth steps ``n_messages`` has passed (0 = the defaults)."""
+        step = 0
+        for after, _, _ in self.growth:
+            if n_messages <= after:
+                break
+            step += 1
+        return step
 
     def allocate(self, n_messages: int = 0, *, calibration: float = 1.0) -> Allocation:
         """Allocate the budget for a conversation of ``n_messages`` messages.
@@ -256,8 +277,19 @@ class ContextBudget:
         """
         if n_messages < 0:
             raise ValueError(f"n_messages must be >= 0, got {n_messages}")
+        key = (self._step(n_messages), calibration)
+        found = self._allocations.get(key)
+        if found is not None:
+            return found
         if not (math.isfinite(calibration) and calibration > 0):
             raise ValueError(f"calibration must be a positive number, got {calibration!r}")
+        allocation = self._allocate(n_messages, calibration)
+        if len(self._allocations) >= 64:  # calibration drifts: keep the memo small
+            self._allocations.clear()
+        self._allocations[key] = allocation
+        return allocation
+
+    def _allocate(self, n_messages: int, calibration: float) -> Allocation:
         response = self.response_reserve
         margin = self.margin_tokens
         prompt = self.total_tokens - response - margin

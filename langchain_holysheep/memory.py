@@ -7,6 +7,7 @@ summarizer together; the planning core is written once and driven from sync and 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import threading
@@ -41,7 +42,7 @@ from langchain_holysheep.background import (
     anchor_key,
     messages_digest,
 )
-from langchain_holysheep.budget import ContextBudget
+from langchain_holysheep.budget import Allocation, ContextBudget
 from langchain_holysheep.prompt_cache import same_message
 from langchain_holysheep.summarize import (
     RunningSummarizer,
@@ -165,6 +166,14 @@ def _preview(item: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+@functools.lru_cache(maxsize=1024)
+def _sample_positions(n: int) -> tuple[int, ...]:
+    """Positions sampled to recognise a conversation of ``n`` messages when it grows."""
+    return tuple(
+        sorted(i for i in {n - 1, *(n * k // _SAMPLES for k in range(_SAMPLES))} if i >= 0)
+    )
+
+
 @dataclass
 class _Conversation:
     """What the invoke path remembers about one conversation between calls."""
@@ -178,6 +187,7 @@ class _Conversation:
     previous_prompt: list[BaseMessage] | None = None
     previous_total: int | None = None  # tokens the last plan counted, for calibration
     lock: threading.Lock = field(default_factory=threading.Lock)
+    syncs: int = 0  # times synced with a conversation (a match seen before one is stale)
 
 
 class _Tail(Sequence[Any]):
@@ -216,6 +226,7 @@ class _Runtime:
         self.price: tuple[float, float] | None = None
         self.model_name: str | None = None
         self.message_cap: int | None = None
+        self.limits: tuple[tuple[Any, ...], WindowLimits] | None = None  # the last limits
         self.background: BackgroundSummaries | None = None
         # store object -> session id -> the plan a history returned last for it
         self.sent_plans: weakref.WeakKeyDictionary[Any, OrderedDict[str, ContextPlan]] = (
@@ -350,7 +361,13 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
     counter: TokenCounter = Field(default=None)  # type: ignore[assignment]
     budget: ContextBudget = Field(default=None)  # type: ignore[assignment]
 
-    _rt: _Runtime = PrivateAttr(default_factory=lambda: _Runtime())
+    _runtime: _Runtime = PrivateAttr(default_factory=lambda: _Runtime())
+
+    @property
+    def _rt(self) -> _Runtime:
+        # Pydantic's own lookup of a private attribute costs microseconds (it probes the
+        # attribute for ``__get__`` through an AttributeError); a turn reads this a dozen times.
+        return cast("_Runtime", self.__pydantic_private__["_runtime"])  # type: ignore[index]
 
     def model_post_init(self, context: Any, /) -> None:
         """Build the counter, budget and summarizer the fields leave to defaults."""
@@ -417,8 +434,27 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
     def limits(self, n_messages: int = 0, reserved_tokens: int = 0) -> WindowLimits:
         """Return the budget numbers a plan of a conversation of ``n_messages`` respects."""
         allocation = self.budget.allocate(n_messages, calibration=self.counter.calibration)
-        prompt = allocation.prompt
         cap = self._rt.message_cap
+        key = (
+            allocation,
+            reserved_tokens,
+            cap,
+            self.high_water,
+            self.low_water,
+            self.window_size,
+            self.truncate_long_messages,
+        )
+        memo = self._rt.limits
+        if memo is not None and memo[0] == key:  # the budget memoizes its allocations
+            return memo[1]
+        limits = self._limits(allocation, cap, reserved_tokens)
+        self._rt.limits = (key, limits)
+        return limits
+
+    def _limits(
+        self, allocation: Allocation, cap: int | None, reserved_tokens: int
+    ) -> WindowLimits:
+        prompt = allocation.prompt
         return WindowLimits(
             budget=allocation.total,
             response=allocation.response,
@@ -984,8 +1020,13 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             return f"id:{message.id}"
         return f"hash:{_content_key(message)}"
 
-    def _entry(self, key: str, conversation: Sequence[Any]) -> _Conversation:
+    def _entry(self, key: str, conversation: Sequence[Any]) -> tuple[_Conversation, int | None]:
         """Return the remembered conversation this one grew from, or a new entry.
+
+        With it comes the entry's sync count when the entry was seen to match (a derived
+        key's entry recognised by its samples, or a new one), else None (a named entry is
+        checked when it is synced). If another turn syncs the entry in between, the count
+        differs and the sync checks again.
 
         A key from the config names one conversation. A key derived from the first message
         can be shared by different conversations (two chats that both open with "hi"), so
@@ -1003,14 +1044,18 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             else:
                 conversations.move_to_end(key)
             for i, entry in enumerate(bucket):
-                if named or self._grown(entry, conversation):
+                if named:
                     bucket.append(bucket.pop(i))  # most recently used last
-                    return entry
+                    return entry, None
+                syncs = entry.syncs  # read first: a sync that ends after this changes it
+                if self._grown(entry, conversation):
+                    bucket.append(bucket.pop(i))
+                    return entry, syncs
             entry = _Conversation(ConversationIndex(0, message_cap=rt.message_cap))
             bucket.append(entry)
             if len(bucket) > _BUCKET:
                 bucket.pop(0)
-            return entry
+            return entry, entry.syncs
 
     def _grown(self, entry: _Conversation, conversation: Sequence[Any]) -> bool:
         if len(conversation) < entry.length:
@@ -1018,38 +1063,57 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         return all(_same_item(conversation[i], item) for i, item in entry.samples)
 
     def _sync_entry(
-        self, entry: _Conversation, system: list[BaseMessage], conversation: Sequence[Any]
+        self,
+        entry: _Conversation,
+        system: list[BaseMessage],
+        conversation: Sequence[Any],
+        matched: int | None = None,
     ) -> None:
-        """Bring the entry up to date with the conversation, converting only new messages."""
+        """Bring the entry up to date with the conversation, converting only new messages.
+
+        ``matched`` is the entry's sync count when the caller saw it match the conversation;
+        if no sync happened since, the match need not be checked again.
+        """
         cap = self._rt.message_cap
-        if not self._grown(entry, conversation) or entry.index.message_cap != cap:
-            entry.index = ConversationIndex(0, message_cap=cap)
-            entry.state = WindowState()
-            entry.length = 0
-            entry.previous_prompt = None
-            entry.previous_total = None
-        new = _to_messages(conversation[entry.length :], len(system) + entry.length)
-        if new:
-            if entry.previous_total is not None:
-                # The first new message is the model's answer to the prompt planned last
-                # turn: its reported input tokens calibrate the counter (and so the budget).
-                self.counter.observe_response(entry.previous_total, new[0])
+        grown = matched == entry.syncs or self._grown(entry, conversation)
+        try:
+            if not grown or entry.index.message_cap != cap:
+                entry.index = ConversationIndex(0, message_cap=cap)
+                entry.state = WindowState()
+                entry.length = 0
+                entry.previous_prompt = None
                 entry.previous_total = None
-            entry.index.extend(new, self.counter.message_counts(new))
-        n = len(conversation)
-        entry.length = n
-        positions = {n - 1, *(n * k // _SAMPLES for k in range(_SAMPLES))}
-        entry.samples = [(i, conversation[i]) for i in sorted(positions) if 0 <= i < n]
-        if len(system) != len(entry.system) or not all(
-            a is b or same_message(a, b) for a, b in zip(system, entry.system, strict=False)
-        ):
-            entry.system = list(system)
-            entry.system_counts = [self.counter.count_message(m) for m in system]
+            new = _to_messages(conversation[entry.length :], len(system) + entry.length)
+            if new:
+                if entry.previous_total is not None:
+                    # The first new message is the model's answer to the prompt planned last
+                    # turn: its reported input tokens calibrate the counter (and so the budget).
+                    self.counter.observe_response(entry.previous_total, new[0])
+                    entry.previous_total = None
+                entry.index.extend(new, self.counter.message_counts(new))
+            n = len(conversation)
+            entry.length = n
+            if isinstance(conversation, _Tail):  # index the list itself: no __getitem__ per sample
+                raw, lead = conversation.raw, conversation.lead
+                entry.samples = [(i, raw[lead + i]) for i in _sample_positions(n)]
+            else:
+                entry.samples = [(i, conversation[i]) for i in _sample_positions(n)]
+            if len(system) != len(entry.system) or not all(
+                a is b or same_message(a, b) for a, b in zip(system, entry.system, strict=False)
+            ):
+                entry.system = list(system)
+                entry.system_counts = [self.counter.count_message(m) for m in system]
+        finally:
+            entry.syncs += 1  # at the end: a match seen during this sync is stale
 
     def _invoke_turn(
-        self, entry: _Conversation, system: list[BaseMessage], conversation: Sequence[Any]
+        self,
+        entry: _Conversation,
+        system: list[BaseMessage],
+        conversation: Sequence[Any],
+        matched: int | None,
     ) -> Generator[_Command, Any, ContextPlan]:
-        self._sync_entry(entry, system, conversation)
+        self._sync_entry(entry, system, conversation, matched)
         limits = self.limits(entry.length)
         plan = yield from self._turn(
             entry.index,
@@ -1080,21 +1144,21 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             ContextOverflowError: The current turn cannot fit the budget.
         """
         system, conversation = self._split(messages)
-        entry = self._entry(self._key(conversation, config), conversation)
+        entry, matched = self._entry(self._key(conversation, config), conversation)
         with entry.lock:
-            return self._drive(self._invoke_turn(entry, system, conversation))
+            return self._drive(self._invoke_turn(entry, system, conversation, matched))
 
     async def aplan(
         self, messages: WindowInput, config: RunnableConfig | None = None
     ) -> ContextPlan:
         """Async twin of :meth:`plan`: the summarizer is awaited, never blocking the loop."""
         system, conversation = self._split(messages)
-        entry = self._entry(self._key(conversation, config), conversation)
+        entry, matched = self._entry(self._key(conversation, config), conversation)
         # The lock is shared with sync callers, so poll it rather than block the event loop.
         while not entry.lock.acquire(blocking=False):  # noqa: ASYNC110
             await asyncio.sleep(0.001)
         try:
-            return await self._adrive(self._invoke_turn(entry, system, conversation))
+            return await self._adrive(self._invoke_turn(entry, system, conversation, matched))
         finally:
             entry.lock.release()
 

@@ -6,6 +6,7 @@ numbers, it returns a `ContextPlan`. It does no I/O, reads no clock and calls no
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 import re
@@ -54,11 +55,15 @@ Shorten = Callable[[BaseMessage, int], BaseMessage]
 _RECAP_TAG = re.compile(r"<\s*/?\s*recap\s*>", re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=256)
 def recap_message(summary: str, through: int) -> HumanMessage:
     """Return the message that carries the running summary in a prompt.
 
     It is a human message, never a system message: the summary is written from user text and
     must not gain system authority. The frame says it is a recap, not instructions.
+
+    The same summary gives the same message object (a small cache: every turn between two
+    compactions sends it), so treat it as read-only, like the other messages of a plan.
 
     Args:
         summary: The running summary text.
@@ -931,22 +936,32 @@ def finish_turn(
     skip = set(index.dropped_between(send_from, t))
     truncated: list[str] = []
     recent = 0
-    turn_set = set(layout.turn_positions)
-    for p in range(send_from, index.closed_end):
-        if p in skip or (p >= t and p not in turn_set):
-            continue
-        message = index.message(p)
-        n = caps.get(p)
-        if n is not None and n < index.count(p):
-            if shorten is None:
-                raise ValueError("messages must be shortened but no shorten function was given")
-            message = shorten(message, n)
-            truncated.append(_label(index.message(p), p))
-        else:
-            n = index.count(p)
-        out.append(message)
-        counts.append(n)
-        recent += n
+    closed = index.closed_end
+    turn = layout.turn_positions
+    if not skip and not caps and len(turn) == closed - t:
+        # Nothing dropped, capped or left out: the messages go as they are (the usual turn).
+        lo, hi = send_from - index.offset, closed - index.offset
+        out.extend(index.messages[lo:hi])
+        sent = index.counts[lo:hi]
+        counts.extend(sent)
+        recent = sum(sent)
+    else:
+        turn_set = set(turn)
+        for p in range(send_from, closed):
+            if p in skip or (p >= t and p not in turn_set):
+                continue
+            message = index.message(p)
+            n = caps.get(p)
+            if n is not None and n < index.count(p):
+                if shorten is None:
+                    raise ValueError("messages must be shortened but no shorten function was given")
+                message = shorten(message, n)
+                truncated.append(_label(index.message(p), p))
+            else:
+                n = index.count(p)
+            out.append(message)
+            counts.append(n)
+            recent += n
     if truncated and not layout.turn_caps:
         notes.append(f"shortened {len(truncated)} long message(s)")
 

@@ -33,6 +33,30 @@ def test_summary_share_grows_with_the_conversation(
     assert parts(a) == a.total
 
 
+def test_a_budget_is_immutable() -> None:
+    # Its figures are validated together (and allocations are memoized), so a change made
+    # after construction could break the split unnoticed.
+    budget = ContextBudget(10_000)
+    with pytest.raises(AttributeError, match="immutable"):
+        budget.total_tokens = 1_000
+    assert budget.allocate().total == 10_000
+
+
+def test_allocations_are_memoized_per_growth_step_and_calibration() -> None:
+    budget = ContextBudget(10_000)
+    assert budget.allocate(5) is budget.allocate(20)  # the same growth step
+    assert budget.allocate(21) is not budget.allocate(20)
+    assert budget.allocate(21) == ContextBudget(10_000).allocate(49)
+    calibrated = budget.allocate(5, calibration=1.25)
+    assert calibrated is not budget.allocate(5)
+    assert calibrated.prompt == 5600  # 7000 / 1.25
+    assert budget.allocate(5, calibration=1.25) is calibrated
+    with pytest.raises(ValueError, match="calibration"):
+        budget.allocate(5, calibration=float("nan"))
+    for factor in (0.5 + i / 100 for i in range(200)):  # a drifting calibration
+        assert budget.allocate(5, calibration=factor).prompt == int(7000 / factor)
+
+
 def test_growth_steps_are_overridable() -> None:
     b = ContextBudget(10_000, summary=0.1, recent=0.55, growth=((5, 0.3, 0.35),))
     assert b.allocate(5).summary == 1000

@@ -158,6 +158,34 @@ def test_conversations_with_the_same_first_message_are_told_apart() -> None:
     assert len(summarizer.transcripts) - calls <= 2  # no re-summarizing from scratch
 
 
+def test_a_conversation_recognised_before_another_turn_changed_it_is_checked_again() -> None:
+    # Two turns with the same opening can race: one recognises the remembered conversation,
+    # the other then extends it with different messages. The first must not take the other's
+    # messages for its own (they would be sent in its prompt).
+    window = make_window(max_tokens=20_000)
+    a = conversation(20, seed=1)
+    b = conversation(20, seed=2)
+    other = [*a[:10], *b[10:14]]  # same first ten messages, then another chat
+    window.plan(a[:10])
+    system, mine = window._split(a[:14])
+    entry, matched = window._entry(window._key(mine, None), mine)
+    window.plan(other)  # the other turn extends the entry first
+    with entry.lock:
+        plan = window._drive(window._invoke_turn(entry, system, mine, matched))
+    sent = [m.content for m in plan.messages[len(system) :]]
+    assert sent == [m.content for m in a[len(system) : 14]]
+    assert not {m.content for m in b[10:14]} & set(map(str, sent))
+
+
+def test_limits_follow_the_window_settings() -> None:
+    window = make_window()
+    before = window.limits(10)
+    assert window.limits(10) is before  # memoized while nothing changes
+    window.high_water = 0.8
+    assert window.limits(10).high_mark < before.high_mark
+    assert window.limits(10, reserved_tokens=50).fixed == before.fixed + 50
+
+
 def test_caller_list_is_never_mutated() -> None:
     history = conversation(80)
     before = [m.model_copy(deep=True) for m in history]

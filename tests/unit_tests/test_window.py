@@ -308,6 +308,15 @@ def test_recap_is_a_framed_human_message() -> None:
     assert not is_recap(HumanMessage("hi", id="x"))
 
 
+def test_recap_of_an_unchanged_summary_is_the_same_message() -> None:
+    # Every turn between compactions sends the recap: it is built once, and the prompt-cache
+    # estimate can recognise it by identity.
+    recap = recap_message("User ordered ORD-2.", 14)
+    assert recap_message("User ordered ORD-2.", 14) is recap
+    assert recap_message("User ordered ORD-2.", 15) is not recap
+    assert recap_message("User ordered ORD-3.", 14).content != recap.content
+
+
 def test_cut_within_matches_brute_force() -> None:
     spec = [("h", 7), ("a", 30), ("call", ["x"], 5), ("tool", "x", 11), ("a", 3)] * 6 + [("h", 1)]
     messages, counts = build(spec)
