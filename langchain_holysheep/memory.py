@@ -234,6 +234,14 @@ class _Runtime:
         )
 
 
+def _items_at(conversation: Sequence[Any], positions: Sequence[int]) -> list[Any]:
+    """Return ``conversation[i]`` for each position (a tail is indexed through its list)."""
+    if isinstance(conversation, _Tail):
+        raw, lead = conversation.raw, conversation.lead
+        return [raw[lead + i] for i in positions]
+    return [conversation[i] for i in positions]
+
+
 def _same_item(a: Any, b: Any) -> bool:
     if a is b:
         return True
@@ -1060,7 +1068,12 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
     def _grown(self, entry: _Conversation, conversation: Sequence[Any]) -> bool:
         if len(conversation) < entry.length:
             return False
-        return all(_same_item(conversation[i], item) for i, item in entry.samples)
+        samples = entry.samples
+        current = _items_at(conversation, [i for i, _ in samples])
+        for now, (_, then) in zip(current, samples, strict=True):
+            if now is not then and not _same_item(now, then):
+                return False
+        return True
 
     def _sync_entry(
         self,
@@ -1093,11 +1106,8 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 entry.index.extend(new, self.counter.message_counts(new))
             n = len(conversation)
             entry.length = n
-            if isinstance(conversation, _Tail):  # index the list itself: no __getitem__ per sample
-                raw, lead = conversation.raw, conversation.lead
-                entry.samples = [(i, raw[lead + i]) for i in _sample_positions(n)]
-            else:
-                entry.samples = [(i, conversation[i]) for i in _sample_positions(n)]
+            positions = _sample_positions(n)
+            entry.samples = list(zip(positions, _items_at(conversation, positions), strict=True))
             if len(system) != len(entry.system) or not all(
                 a is b or same_message(a, b) for a, b in zip(system, entry.system, strict=False)
             ):
