@@ -22,6 +22,9 @@ answer is appended.
   window's 5,600-token prompt allowance. On this conversation 20 messages already count more
   than 5,600 tokens, so the default keep summarizes on every turn: an LLM call per turn.
 
+* ContextWindowMiddleware.wrap_model_call (the agent path) on an agent state that keeps every
+  message, with a handler that answers at once; the window's state update is applied to the
+  agent state, as the agent would.
 * Floor: only the exact counting that any layer counting exactly must do each turn, the new
   messages (the user's message, tool results; answers from their provider usage), with
   nothing planned. A layer that counts exactly cannot be faster than this.
@@ -45,11 +48,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain.agents.middleware import SummarizationMiddleware
+from langchain.agents.middleware.types import (
+    ExtendedModelResponse,
+    ModelRequest,
+    ModelResponse,
+)
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, RemoveMessage
 from langgraph.graph.message import REMOVE_ALL_MESSAGES
 
 from langchain_holysheep.memory import ContextWindow
+from langchain_holysheep.middleware import ContextWindowMiddleware
 from langchain_holysheep.tokens import TokenCounter
 from langchain_holysheep.workload import synthetic_conversation
 
@@ -167,6 +176,48 @@ class WindowLayer(Layer):
         self.window.close()
 
 
+class WindowMiddlewareLayer(Layer):
+    """ContextWindowMiddleware.wrap_model_call on an agent state that keeps every message."""
+
+    def __init__(self, name: str, counter: TokenCounter) -> None:
+        super().__init__(name)
+        window = ContextWindow(
+            model=MODEL, max_tokens=8000, summarizer=self.summarizer, counter=counter
+        )
+        self.middleware = ContextWindowMiddleware(window)
+        self.model = GenericFakeChatModel(messages=iter([]))
+        self.state: dict[str, Any] = {"messages": []}
+        self.answer = ModelResponse(result=[AIMessage("ok")])
+
+    def prepare(self) -> None:
+        request = ModelRequest(
+            model=self.model,
+            messages=self.state["messages"],
+            state=self.state,  # type: ignore[arg-type]
+        )
+        response = self.middleware.wrap_model_call(request, lambda _: self.answer)
+        if isinstance(response, ExtendedModelResponse):  # the window moved: store its state
+            assert response.command is not None
+            update = response.command.update
+            assert isinstance(update, dict)
+            self.state.update(update)
+
+    def start(self, messages: list[BaseMessage]) -> None:
+        self.state["messages"] = list(messages)
+        self.cold = self.timed(self.prepare)
+        self.summarizing_turns = 0
+
+    def turn(self, messages: list[BaseMessage]) -> None:
+        self.state["messages"].extend(messages[len(self.state["messages"]) :])
+        self.times.append(self.timed(self.prepare))
+
+    def kept(self) -> int:
+        return len(self.state["messages"])
+
+    def close(self) -> None:
+        self.middleware.window.close()
+
+
 class FloorLayer(Layer):
     """Only the exact counting any exact layer must do: the new messages of each turn."""
 
@@ -246,6 +297,7 @@ def main() -> None:
             TokenCounter(MODEL, use_provider_counts=False),
             "plan",
         ),
+        WindowMiddlewareLayer("ContextWindowMiddleware (agents)", TokenCounter(MODEL)),
         FloorLayer("Floor: count the new messages exactly", TokenCounter(MODEL)),
         MiddlewareLayer(
             f"Middleware, marks {limits.high_mark:,}/{limits.low_mark:,} tok",
@@ -288,7 +340,7 @@ def main() -> None:
             f"{layer.summarizing_turns:>12}/{len(layer.times)}"
         )
     base = percentiles(layers[-2].times)
-    for layer in [*layers[:3], layers[-3]]:
+    for layer in [*layers[:3], *layers[-4:-2]]:
         p50, p95, _ = percentiles(layer.times)
         print(
             f"{layer.name} / matched middleware: p50 {p50 / base[0]:.2f}x, p95 {p95 / base[1]:.2f}x"

@@ -301,7 +301,9 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
             self.on_plan(plan)
 
     def _prepare(self, request: ModelRequest[ContextT]) -> _Step:
-        messages: list[AnyMessage] = list(request.messages)
+        # Only the tail from the stored window on is copied: the whole history (the agent
+        # state keeps every message) would cost O(n) a call.
+        messages = request.messages
         lead = 0
         while lead < len(messages) and isinstance(messages[lead], SystemMessage):
             lead += 1
@@ -309,9 +311,9 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
             [] if request.system_message is None else [request.system_message]
         )
         system.extend(messages[:lead])
-        conversation = messages[lead:]
+        length = len(messages) - lead  # of the conversation after the system messages
         stored = state = window_state_from(request.state)
-        if max(state.load_from, state.window_start) > len(conversation):
+        if max(state.load_from, state.window_start) > length:
             # Something else rewrote the history (e.g. a middleware that deletes messages):
             # the stored positions no longer point into it, so start the window afresh.
             logger.warning(
@@ -319,12 +321,12 @@ class ContextWindowMiddleware(AgentMiddleware[ContextWindowState, ContextT, Resp
                 "the conversation has only %d; the history was shortened by something else, "
                 "so the window starts afresh without the previous summary.",
                 max(state.load_from, state.window_start),
-                len(conversation),
+                length,
             )
             state = WindowState(version=state.version)
         offset = state.load_from
         reserved = self._count_tools(request.tools) if self.count_tools else 0
-        tail: list[BaseMessage] = list(conversation[offset:])
+        tail: list[BaseMessage] = list(messages[lead + offset :])
         return _Step(system, tail, offset, state, reserved, _thread_id(), stored)
 
     @staticmethod
