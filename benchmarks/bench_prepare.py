@@ -55,6 +55,8 @@ from langchain.agents.middleware.types import (
 )
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, RemoveMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import var_child_runnable_config
 from langgraph.graph.message import REMOVE_ALL_MESSAGES
 
 from langchain_holysheep.memory import ContextWindow
@@ -188,8 +190,18 @@ class WindowMiddlewareLayer(Layer):
         self.model = GenericFakeChatModel(messages=iter([]))
         self.state: dict[str, Any] = {"messages": []}
         self.answer = ModelResponse(result=[AIMessage("ok")])
+        self.config: RunnableConfig = {"configurable": {"thread_id": "bench"}}
 
     def prepare(self) -> None:
+        # Inside an agent the node's config names the thread; the middleware keys its last
+        # plan by it (the plan's cached-token estimate and its index, extended each call).
+        token = var_child_runnable_config.set(self.config)
+        try:
+            self._prepare()
+        finally:
+            var_child_runnable_config.reset(token)
+
+    def _prepare(self) -> None:
         request = ModelRequest(
             model=self.model,
             messages=self.state["messages"],

@@ -43,7 +43,7 @@ from langchain_holysheep.background import (
     messages_digest,
 )
 from langchain_holysheep.budget import Allocation, ContextBudget
-from langchain_holysheep.prompt_cache import same_message
+from langchain_holysheep.prompt_cache import same_message, same_message_and_id
 from langchain_holysheep.summarize import (
     RunningSummarizer,
     SummaryError,
@@ -87,6 +87,7 @@ WindowInput = Sequence[MessageLikeRepresentation] | PromptValue
 
 _SAMPLES = 4  # positions checked, besides the last, to recognise a grown conversation
 _BUCKET = 8  # conversations kept under one derived key
+_ADOPTION = threading.Lock()  # one step at a time takes a plan's index to extend it
 
 
 @dataclass(frozen=True)
@@ -913,20 +914,74 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 f"tail starts at offset {offset} but the window state needs messages from "
                 f"{state.load_from}; pass conversation[state.load_from:]"
             )
-        messages = _to_messages(tail, offset)
-        if counts is None:
-            counts = self.counter.message_counts(messages)
-        index = ConversationIndex(offset, message_cap=self._rt.message_cap)
-        index.extend(messages, counts)
+        index = self._adopt_index(previous, tail, offset, counts)
+        if index is None:
+            messages = _to_messages(tail, offset)
+            if counts is None:
+                counts = self.counter.message_counts(messages)
+            index = ConversationIndex(offset, message_cap=self._rt.message_cap)
+            index.extend(messages, counts)
+            index.adoptable = True
         system_list = _to_messages(system)
         system_counts = self.counter.message_counts(system_list)
-        limits = self.limits(offset + len(messages), reserved_tokens)
+        limits = self.limits(offset + len(tail), reserved_tokens)
         prev = list(previous.messages) if previous is not None else None
         return (
             yield from self._turn(
                 index, system_list, system_counts, state, limits, prev, store, session_id
             )
         )
+
+    def _adopt_index(
+        self,
+        previous: ContextPlan | None,
+        tail: Sequence[BaseMessage],
+        offset: int,
+        counts: Sequence[int] | None,
+    ) -> ConversationIndex | None:
+        """Extend the previous plan's index with the new messages instead of building one.
+
+        Each call of :meth:`step` gets the window's tail again; rebuilding its index counts
+        (a cache lookup each) and indexes every message of the window, every call. The
+        previous plan's index already holds the messages it saw, so when they are still the
+        start of ``tail`` (the same objects, or the same messages with the same ids and
+        counts) only the new ones are converted, counted and indexed.
+
+        Returns None (build afresh) when there is no previous index, when it starts
+        elsewhere (the window let go of messages: a compaction moved ``state.load_from``, so
+        an index is rebuilt about once per compaction and holds no more than the window),
+        when it does not match ``tail``, or when another step already took it from this plan
+        (a retried or forked call: the index may hold another continuation).
+        """
+        ledger = previous._ledger if previous is not None else None
+        if ledger is None:
+            return None
+        index = ledger.index
+        known = len(index.messages)  # messages of `tail` the index holds already
+        if (
+            not index.adoptable
+            or index.offset != offset
+            or index.message_cap != self._rt.message_cap
+            or known > len(tail)
+        ):
+            return None
+        for mine, theirs in zip(index.messages, tail, strict=False):
+            if mine is not theirs and not (
+                isinstance(theirs, BaseMessage) and same_message_and_id(mine, theirs)
+            ):
+                return None
+        if counts is not None and list(counts[:known]) != index.counts:
+            return None
+        with _ADOPTION:
+            if ledger.end != index.end or index.claimed == index.end:
+                return None  # extended or taken since this plan: not ours to extend
+            index.claimed = index.end
+        new = _to_messages(tail[known:], offset + known)
+        if new:
+            index.extend(
+                new, counts[known:] if counts is not None else self.counter.message_counts(new)
+            )
+        return index
 
     def step(
         self,

@@ -236,6 +236,11 @@ class ConversationIndex:
         self._dropped_positions: list[int] = []
         self.oversize: list[int] = []
         self._group: _OpenGroup | None = None
+        # For ContextWindow._adopt_index: whether a later step may extend this index (only
+        # indexes a step built; the invoke path extends its own), and `end` when one last
+        # took it.
+        self.adoptable = False
+        self.claimed: int | None = None
 
     @property
     def end(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import warnings
 from typing import Any
 
@@ -175,6 +176,105 @@ def test_a_conversation_recognised_before_another_turn_changed_it_is_checked_aga
     sent = [m.content for m in plan.messages[len(system) :]]
     assert sent == [m.content for m in a[len(system) : 14]]
     assert not {m.content for m in b[10:14]} & set(map(str, sent))
+
+
+def _step(
+    window: ContextWindow,
+    messages: list[BaseMessage],
+    previous: ContextPlan | None = None,
+    counts: list[int] | None = None,
+) -> ContextPlan:
+    state = previous.state if previous is not None else WindowState()
+    return window.step(
+        messages[:1],
+        messages[1 + state.load_from :],
+        offset=state.load_from,
+        state=state,
+        previous=previous,
+        counts=counts,
+    )
+
+
+def _index_of(plan: ContextPlan) -> object:
+    assert plan._ledger is not None
+    return plan._ledger.index
+
+
+def test_a_step_extends_the_previous_steps_index() -> None:
+    window = make_window(max_tokens=20_000)
+    history = conversation(20)
+    first = _step(window, history[:9])
+    second = _step(window, history[:13], first)
+    assert _index_of(second) is _index_of(first)  # extended, not rebuilt
+    assert second.messages == _step(make_window(max_tokens=20_000), history[:13]).messages
+    # Equal messages (a checkpointer hands back copies) are recognised too.
+    copies = [m.model_copy() for m in history[:15]]
+    third = _step(window, copies, second)
+    assert _index_of(third) is _index_of(first)
+    assert [m.content for m in third.messages] == [m.content for m in copies]
+
+
+def test_a_retried_or_forked_step_does_not_reuse_an_index_another_step_extended() -> None:
+    window = make_window(max_tokens=20_000)
+    a = conversation(20, seed=1)
+    b = conversation(20, seed=2)
+    first = _step(window, a[:9])
+    _step(window, a[:13], first)  # one continuation extends the index ...
+    fork = [*a[:9], *b[9:13]]
+    forked = _step(window, fork, first)  # ... another one from the same plan
+    assert [m.content for m in forked.messages] == [m.content for m in fork]
+    assert _index_of(forked) is not _index_of(first)
+
+
+def test_two_steps_extending_one_plan_at_once_each_send_their_own_messages() -> None:
+    window = make_window(max_tokens=20_000)
+    a = conversation(20, seed=1)
+    fork = [*a[:9], *conversation(20, seed=2)[9:13]]
+    first = _step(window, a[:9])
+    count = window.counter.message_counts
+    a_counting, b_done = threading.Event(), threading.Event()
+
+    def counts_slowly_in_a(messages: Any) -> list[int]:
+        if threading.current_thread().name == "A":  # A has taken the index: B comes now
+            a_counting.set()
+            b_done.wait(5)
+        return count(messages)
+
+    window.counter.message_counts = counts_slowly_in_a  # type: ignore[method-assign]
+    plans: dict[str, ContextPlan] = {}
+    thread_a = threading.Thread(
+        target=lambda: plans.__setitem__("a", _step(window, a[:13], first)), name="A"
+    )
+    thread_a.start()
+    assert a_counting.wait(5)
+    plans["b"] = _step(window, fork, first)
+    b_done.set()
+    thread_a.join(5)
+    assert [m.content for m in plans["a"].messages] == [m.content for m in a[:13]]
+    assert [m.content for m in plans["b"].messages] == [m.content for m in fork]
+
+
+def test_a_step_rebuilds_when_the_stored_counts_differ() -> None:
+    window = make_window(max_tokens=20_000)
+    history = conversation(20)
+    counts = window.counter.message_counts(history[1:13])
+    first = _step(window, history[:9], counts=counts[:8])
+    changed = [*counts[:3], counts[3] + 5, *counts[4:]]
+    second = _step(window, history[:13], first, counts=changed)
+    assert _index_of(second) is not _index_of(first)
+    assert second.tokens.recent == sum(changed)
+
+
+def test_a_plan_of_the_invoke_path_lends_its_index_to_no_step() -> None:
+    # The invoke path keeps extending its own index: a step may not extend it as well.
+    window = make_window(max_tokens=20_000)
+    history = conversation(20)
+    planned = window.plan(history[:9])
+    stepped = window.step(
+        history[:1], history[1:13], offset=0, state=planned.state, previous=planned
+    )
+    assert _index_of(stepped) is not _index_of(planned)
+    assert window.plan(history[:13]).messages == stepped.messages
 
 
 def test_limits_follow_the_window_settings() -> None:

@@ -200,6 +200,29 @@ def test_long_run_in_memory(script: AgentScript, counter: TokenCounter, turns: i
     assert sum(p.cached_tokens for p in run.plans) > 0
 
 
+def test_each_call_indexes_only_the_new_messages(script: AgentScript) -> None:
+    # Between compactions the middleware extends the previous call's index with the messages
+    # that arrived since, rather than indexing (and looking up the count of) the whole window
+    # again; across turns too, where the agent state comes back from the checkpointer.
+    run = Run(script, InMemorySaver())
+    adopted: list[bool] = []
+    adopt = run.window._adopt_index
+
+    def spy(*args: Any) -> Any:
+        index = adopt(*args)
+        adopted.append(index is not None)
+        return index
+
+    run.window._adopt_index = spy  # type: ignore[method-assign,assignment]
+    run_turns(run.agent, script, "t-adopt", 0, 30)
+    compactions = sum(p.compacted for p in run.plans)
+    assert len(adopted) == len(run.plans) > 40
+    # Rebuilt only on the first call and after the window let go of messages.
+    assert adopted.count(False) <= compactions + 2
+    messages = run.agent.get_state(thread("t-adopt")).values["messages"]
+    check_calls(run, script, TokenCounter(MODEL), 0, 30, messages)
+
+
 def test_compacts_inside_tool_loops(script: AgentScript, counter: TokenCounter) -> None:
     """A small budget forces compaction in the middle of a tool loop; every call stays valid.
 
