@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 # OpenAI caches prefixes of at least 1,024 tokens, in steps of 128 tokens; DeepSeek's 64-token
 # units are finer, so these defaults are the conservative choice for a relay.
@@ -20,13 +20,18 @@ def same_message(a: BaseMessage, b: BaseMessage) -> bool:
     """Return whether two messages serialise to the same prompt bytes (cheap checks first)."""
     if a is b:
         return True
-    return (
-        a.type == b.type
-        and a.content == b.content
-        and getattr(a, "tool_calls", None) == getattr(b, "tool_calls", None)
-        and getattr(a, "tool_call_id", None) == getattr(b, "tool_call_id", None)
-        and a.name == b.name
-    )
+    if a.type != b.type or a.content != b.content or a.name != b.name:
+        return False
+    # Read the fields only where the class has them: a missing attribute of a message costs
+    # microseconds (pydantic's lookup raises and catches AttributeError), and this runs for
+    # every message of the window, every turn.
+    a_ai, b_ai = isinstance(a, AIMessage), isinstance(b, AIMessage)
+    if a_ai or b_ai:
+        return a_ai and b_ai and a.tool_calls == b.tool_calls  # type: ignore[attr-defined]
+    a_tool, b_tool = isinstance(a, ToolMessage), isinstance(b, ToolMessage)
+    if a_tool or b_tool:
+        return a_tool and b_tool and a.tool_call_id == b.tool_call_id  # type: ignore[attr-defined]
+    return True
 
 
 def same_message_and_id(a: BaseMessage, b: BaseMessage) -> bool:

@@ -1,7 +1,13 @@
 from __future__ import annotations
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 
 from langchain_holysheep.prompt_cache import cacheable_tokens, same_message, shared_prefix_tokens
 
@@ -13,6 +19,14 @@ def test_same_message_compares_prompt_content_not_identity() -> None:
     call = {"name": "t", "args": {"x": 1}, "id": "c"}
     other = {"name": "t", "args": {"x": 2}, "id": "c"}
     assert not same_message(AIMessage("", tool_calls=[call]), AIMessage("", tool_calls=[other]))
+    assert same_message(AIMessage("", tool_calls=[call]), AIMessage("", tool_calls=[dict(call)]))
+    assert not same_message(AIMessage("", tool_calls=[call]), AIMessage(""))
+    assert not same_message(HumanMessage("a", name="x"), HumanMessage("a", name="y"))
+    assert same_message(ToolMessage("r", tool_call_id="c"), ToolMessage("r", tool_call_id="c"))
+    assert not same_message(ToolMessage("r", tool_call_id="c"), ToolMessage("r", tool_call_id="d"))
+    # A chunk is sent like the message it is a part of, but it is not the same kind of value.
+    assert not same_message(AIMessageChunk("a"), AIMessage("a"))
+    assert not same_message(ToolMessage("r", tool_call_id="c"), HumanMessage("r"))
 
 
 def test_shared_prefix_stops_at_first_difference() -> None:
