@@ -25,7 +25,7 @@ def test_same_message_compares_prompt_content_not_identity() -> None:
     assert same_message(ToolMessage("r", tool_call_id="c"), ToolMessage("r", tool_call_id="c"))
     assert not same_message(ToolMessage("r", tool_call_id="c"), ToolMessage("r", tool_call_id="d"))
     # A chunk is sent like the message it is a part of, but it is not the same kind of value.
-    assert not same_message(AIMessageChunk("a"), AIMessage("a"))
+    assert not same_message(AIMessageChunk(content="a"), AIMessage("a"))
     assert not same_message(ToolMessage("r", tool_call_id="c"), HumanMessage("r"))
 
 
