@@ -921,7 +921,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
                 counts = self.counter.message_counts(messages)
             index = ConversationIndex(offset, message_cap=self._rt.message_cap)
             index.extend(messages, counts)
-            index.adoptable = True
+            index.owner = self._rt  # its counts are this window's counter's
         system_list = _to_messages(system)
         system_counts = self.counter.message_counts(system_list)
         limits = self.limits(offset + len(tail), reserved_tokens)
@@ -947,7 +947,8 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         start of ``tail`` (the same objects, or the same messages with the same ids and
         counts) only the new ones are converted, counted and indexed.
 
-        Returns None (build afresh) when there is no previous index, when it starts
+        Returns None (build afresh) when there is no previous index of this window (another
+        window's counts may come from another counter), when it starts
         elsewhere (the window let go of messages: a compaction moved ``state.load_from``, so
         an index is rebuilt about once per compaction and holds no more than the window),
         when it does not match ``tail``, or when another step already took it from this plan
@@ -959,7 +960,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         index = ledger.index
         known = len(index.messages)  # messages of `tail` the index holds already
         if (
-            not index.adoptable
+            index.owner is not self._rt
             or index.offset != offset
             or index.message_cap != self._rt.message_cap
             or known > len(tail)

@@ -236,10 +236,10 @@ class ConversationIndex:
         self._dropped_positions: list[int] = []
         self.oversize: list[int] = []
         self._group: _OpenGroup | None = None
-        # For ContextWindow._adopt_index: whether a later step may extend this index (only
-        # indexes a step built; the invoke path extends its own), and `end` when one last
-        # took it.
-        self.adoptable = False
+        # For ContextWindow._adopt_index: the window whose later steps may extend this index
+        # (set only on indexes a step built; the invoke path extends its own), and `end`
+        # when one last took it.
+        self.owner: object | None = None
         self.claimed: int | None = None
 
     @property

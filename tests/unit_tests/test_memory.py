@@ -254,6 +254,23 @@ def test_two_steps_extending_one_plan_at_once_each_send_their_own_messages() -> 
     assert [m.content for m in plans["b"].messages] == [m.content for m in fork]
 
 
+class _PaddedCounter(TokenCounter):
+    """Counts 10 more per message: another window's counter, with other figures."""
+
+    def message_counts(self, messages: Any) -> list[int]:
+        return [n + 10 for n in super().message_counts(messages)]
+
+
+def test_a_step_takes_no_index_from_another_windows_plan() -> None:
+    history = conversation(20)
+    other = make_window(max_tokens=20_000, counter=_PaddedCounter(MODEL))
+    window = make_window(max_tokens=20_000)
+    theirs = _step(other, history[:9])
+    mine = _step(window, history[:13], theirs)
+    assert _index_of(mine) is not _index_of(theirs)
+    assert mine.tokens.total == _step(make_window(max_tokens=20_000), history[:13]).tokens.total
+
+
 def test_a_step_rebuilds_when_the_stored_counts_differ() -> None:
     window = make_window(max_tokens=20_000)
     history = conversation(20)
