@@ -171,7 +171,7 @@ def _preview(item: Any) -> str:
 def _sample_positions(n: int) -> tuple[int, ...]:
     """Positions sampled to recognise a conversation of ``n`` messages when it grows."""
     return tuple(
-        sorted(i for i in {n - 1, *(n * k // _SAMPLES for k in range(_SAMPLES))} if i >= 0)
+        sorted(i for i in {n - 1, *(n * k // _SAMPLES for k in range(_SAMPLES))} if 0 <= i < n)
     )
 
 

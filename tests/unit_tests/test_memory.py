@@ -294,6 +294,13 @@ def test_a_plan_of_the_invoke_path_lends_its_index_to_no_step() -> None:
     assert window.plan(history[:13]).messages == stepped.messages
 
 
+def test_a_named_conversation_of_system_messages_only_is_refused_clearly() -> None:
+    window = make_window()
+    config: RunnableConfig = {"configurable": {"thread_id": "only-system"}}
+    with pytest.raises(ValueError, match="no human message"):
+        window.plan([SystemMessage("You are terse.")], config)
+
+
 def test_limits_follow_the_window_settings() -> None:
     window = make_window()
     before = window.limits(10)
