@@ -43,7 +43,7 @@ from langchain_holysheep.background import (
     messages_digest,
 )
 from langchain_holysheep.budget import Allocation, ContextBudget
-from langchain_holysheep.prompt_cache import same_message, same_message_and_id
+from langchain_holysheep.prompt_cache import same_message
 from langchain_holysheep.summarize import (
     RunningSummarizer,
     SummaryError,
@@ -951,7 +951,8 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
         window's counts may come from another counter), when it starts
         elsewhere (the window let go of messages: a compaction moved ``state.load_from``, so
         an index is rebuilt about once per compaction and holds no more than the window),
-        when it does not match ``tail``, or when another step already took it from this plan
+        when it does not match ``tail`` (as a remembered conversation is recognised:
+        ``_same_item``), or when another step already took it from this plan
         (a retried or forked call: the index may hold another continuation).
         """
         ledger = previous._ledger if previous is not None else None
@@ -966,11 +967,9 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             or known > len(tail)
         ):
             return None
-        for mine, theirs in zip(index.messages, tail, strict=False):
-            if mine is not theirs and not (
-                isinstance(theirs, BaseMessage) and same_message_and_id(mine, theirs)
-            ):
-                return None
+        pairs = zip(tail, index.messages, strict=False)  # the tail may be longer
+        if not all(_same_item(theirs, mine) for theirs, mine in pairs):
+            return None
         if counts is not None and list(counts[:known]) != index.counts:
             return None
         with _ADOPTION:
@@ -1126,10 +1125,7 @@ class ContextWindow(RunnableSerializable[WindowInput, list[BaseMessage]]):
             return False
         samples = entry.samples
         current = _items_at(conversation, [i for i, _ in samples])
-        for now, (_, then) in zip(current, samples, strict=True):
-            if now is not then and not _same_item(now, then):
-                return False
-        return True
+        return all(_same_item(now, then) for now, (_, then) in zip(current, samples, strict=True))
 
     def _sync_entry(
         self,
